@@ -1,0 +1,1 @@
+"""Model loading for the official MuseTalk layout (see ``layout``)."""
