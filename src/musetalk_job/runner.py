@@ -156,6 +156,11 @@ class _JobStop(threading.Event):
     def exit_code(self) -> int:
         return getattr(self.outer, "exit_code", EXIT_SIGTERM)
 
+    def is_set(self) -> bool:
+        if not super().is_set() and self.outer is not None and self.outer.is_set():
+            self.set()
+        return super().is_set()
+
     def _watch(self) -> None:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while not self._done.wait(0.05):
@@ -340,6 +345,7 @@ def run_job(
     created_workdir = False
     try:
         event(f"job {spec.job_id}: {redact_url(spec.video)} + {redact_url(spec.audio)} -> {redact_url(spec.output)}")
+        check_stop()
         if spec.skip_existing and storage.exists(spec.output, policy):
             event(f"output {redact_url(spec.output)} already exists; skipping (skip_existing)", status="skipped")
             manifest.update(status="skipped", exit_code=EXIT_OK)
