@@ -182,7 +182,7 @@ class Settings:
     allowed_local_dirs: Optional[list[Path]] = None  # None: any local path; the worker passes a list
     refuse_private_addresses: bool = False  # the worker sets True (no loopback/link-local/metadata URLs)
     retry_base_s: float = 1.0  # first backoff delay; doubles per retry, capped at 30 s
-    stop_grace_s: float = 4.0  # after SIGTERM/SIGINT, exit at the latest after this long
+    stop_grace_s: float = 3.0  # after SIGTERM/SIGINT, exit at the latest after this long
 
     def workdir_for(self, job_id: str) -> Path:
         return Path(self.workspace_root) / f"job_{job_id}"

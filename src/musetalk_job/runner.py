@@ -322,9 +322,10 @@ def run_job(
     progress = reporter.progress if reporter is not None else None
 
     def event(message: str, **fields: Any) -> None:
-        log.info(message)
         if reporter is not None:
             reporter.event(message, **fields)
+        else:
+            log.info(message)
 
     def timed(stage: str, fn: Callable[[], Any]) -> Any:
         if reporter is not None:

@@ -9,7 +9,7 @@ Contract
 - Signals: SIGTERM/SIGINT handlers are installed first thing. The job runs in a worker
   thread so the main thread always handles signals promptly: it sets the cancel token
   (the job stops at its next check, uploads nothing and cleans its workspace) and, if the
-  job has not stopped after ``stop_grace_s`` (default 4 s; a second signal: at once), the
+  job has not stopped after ``stop_grace_s`` (default 3 s; a second signal: at once), the
   main thread removes the workspace, prints the error line and manifest and ``os._exit``s
   with 143 (SIGTERM) / 130 (SIGINT).
 - ``--on-finish exit|idle|stop-group`` (env ``MUSETALK_ON_FINISH``): ``exit`` returns the
@@ -63,22 +63,33 @@ def register(subparsers: Any) -> None:
 
 
 class _Signals:
-    """Installs SIGTERM/SIGINT handlers that set a cancel token and remember when."""
+    """Installs SIGTERM/SIGINT handlers that only record the signal.
 
-    def __init__(self, token: Any) -> None:
-        self.token = token
+    The handler takes no lock (setting an Event from a handler can deadlock when the main
+    thread holds that Event's lock); the main loop turns the record into a cancel."""
+
+    def __init__(self) -> None:
         self.first_at: Optional[float] = None
+        self.signum: Optional[int] = None
         self.count = 0
         self._previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        self.count += 1
         if self.first_at is None:
             self.first_at = time.monotonic()
-        name = signal.Signals(signum).name
-        self.token.cancel(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM, f"{name}")
+            self.signum = signum
+        self.count += 1
+
+    def forward(self, token: Any) -> bool:
+        """Cancel ``token`` if a signal arrived; returns whether one did."""
+        if self.signum is None:
+            return False
+        if not token.is_set():
+            name = signal.Signals(self.signum).name
+            token.cancel(EXIT_SIGINT if self.signum == signal.SIGINT else EXIT_SIGTERM, name)
+        return True
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -123,8 +134,8 @@ def _stop_group_function() -> Callable[[], Any]:
 def main(args: argparse.Namespace) -> int:
     from .runner import CancelToken
 
+    signals = _Signals()
     token = CancelToken()
-    signals = _Signals(token)
     try:
         return _main(args, token, signals)
     finally:
@@ -158,7 +169,7 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
         return _fail(exc)
     spec = loaded.spec
     setup_logging(settings.log_format, spec.job_id)
-    if token.is_set():
+    if signals.forward(token):
         return _fail(_signal_error(token), spec)
 
     from .runner import EngineCache, failure_manifest, remove_workdir, run_job
@@ -177,7 +188,7 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
     thread.start()
     while thread.is_alive():
         thread.join(0.1)
-        if signals.first_at is not None and thread.is_alive():
+        if signals.forward(token) and thread.is_alive():
             overdue = time.monotonic() - signals.first_at > settings.stop_grace_s
             if overdue or signals.count > 1:
                 # The engine is inside a long call: clean up and leave without waiting for it.
@@ -197,7 +208,7 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
     outcome = holder["outcome"]
     _print_result(outcome.manifest, outcome.error)
 
-    if settings.on_finish == "exit" or token.is_set():
+    if settings.on_finish == "exit" or signals.forward(token):
         return outcome.exit_code
     if stop_group is not None:
         try:
@@ -206,6 +217,6 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
         except Exception as exc:  # noqa: BLE001 - the job result is already out; keep idling
             log.error("on-finish stop-group failed: %s: %s; idling instead", type(exc).__name__, exc)
     log.info("on-finish %s: job done (exit %d); idling until SIGTERM/SIGINT", settings.on_finish, outcome.exit_code)
-    while not token.wait(1.0):
-        pass
+    while not signals.forward(token):
+        time.sleep(0.2)
     return outcome.exit_code

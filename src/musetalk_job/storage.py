@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 HTTP_SCHEMES = ("http", "https")
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
-CHUNK = 1 << 20
+CHUNK = 1 << 18  # small enough that a cancel is seen quickly on slow links
 MAX_REDIRECTS = 10
 MAX_BACKOFF_S = 30.0
 PERMANENT_HTTP = {400, 401, 403, 404, 405, 410, 411, 412, 413, 414, 415, 416, 451}
@@ -140,7 +140,7 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-_URL_QUERY = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s?#\"'<>]+)\?[^\s\"'<>]*")
+_URL_QUERY = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s?#\"'<>]+)\?(?!<redacted>)[^\s\"'<>]+")
 _URL_USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^\s/@\"'<>]+@")
 _SIGNATURE_PARAM = re.compile(
     r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|X-Goog-Credential|Signature|sig|AWSAccessKeyId)=[^&\s\"'<>]+"
