@@ -20,6 +20,11 @@ from musetalk_job.options import EngineOptions, Result
 from musetalk_job.runner import CancelToken, EngineCache, manifest_line, run_job
 
 FFMPEG = shutil.which("ffmpeg")
+# The probe lives in the engine's media module (another engineer's); these tests run as soon as it exists.
+needs_media = pytest.mark.skipif(
+    not (Path(__file__).resolve().parents[1] / "src" / "musetalk_job" / "media.py").exists(),
+    reason="musetalk_job.media (probe) is not in the tree yet",
+)
 pytestmark = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg is required (apt-get install ffmpeg)")
 
 
@@ -135,8 +140,8 @@ def test_skip_existing_does_no_work(tmp_path, media):
     assert not (tmp_path / "ws").exists()
 
 
+@needs_media
 def test_success_publishes_output_and_manifest(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")  # the probe (engineer-owned); becomes active once it lands
     out = tmp_path / "results" / "out.mp4"
     factory = Factory()
     spec = _spec(media, out, landmarks="cascade", batch_size=4, extra_margin=12)
@@ -156,8 +161,8 @@ def test_success_publishes_output_and_manifest(tmp_path, media):
     assert json.loads(manifest_line(manifest)) == manifest
 
 
+@needs_media
 def test_http_inputs_and_boxes_are_fetched(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")
     server = FaultServer().start()
     try:
         server.files["v.mp4"] = media["video"].read_bytes()
@@ -205,8 +210,8 @@ def test_missing_local_input_is_exit_3(tmp_path, media):
     _assert_clean(tmp_path, out)
 
 
+@needs_media
 def test_probe_rejects_bad_inputs_before_models(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")
     factory = Factory()
     engines = EngineCache(_settings(tmp_path), factory=factory)
     out = tmp_path / "out.mp4"
@@ -220,8 +225,8 @@ def test_probe_rejects_bad_inputs_before_models(tmp_path, media):
     _assert_clean(tmp_path, out)
 
 
+@needs_media
 def test_models_error_is_exit_5(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")
 
     def missing(models_dir, **kw):
         raise ModelsError(f"missing {models_dir}/musetalkV15/unet.pth; run `musetalk-job download-weights`")
@@ -232,8 +237,8 @@ def test_models_error_is_exit_5(tmp_path, media):
     _assert_clean(tmp_path, out)
 
 
+@needs_media
 def test_engine_crash_is_exit_6_and_nothing_published(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")
     out = tmp_path / "out.mp4"
     factory = Factory(fail=RuntimeError("index out of range"))
     outcome = run_job(_spec(media, out), _settings(tmp_path), engines=EngineCache(_settings(tmp_path), factory=factory))
@@ -241,8 +246,8 @@ def test_engine_crash_is_exit_6_and_nothing_published(tmp_path, media):
     _assert_clean(tmp_path, out)
 
 
+@needs_media
 def test_cancel_mid_engine(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")
     out = tmp_path / "out.mp4"
     token = CancelToken()
     factory = Factory(delay=5.0)
@@ -266,8 +271,8 @@ def test_cancel_before_start(tmp_path, media):
     _assert_clean(tmp_path, out)
 
 
+@needs_media
 def test_job_timeout_is_exit_6(tmp_path, media):
-    pytest.importorskip("musetalk_job.media")
     out = tmp_path / "out.mp4"
     outcome = run_job(_spec(media, out, job_timeout_s=0.5), _settings(tmp_path),
                       engines=EngineCache(_settings(tmp_path), factory=Factory(delay=5.0)))
