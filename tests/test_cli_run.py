@@ -392,3 +392,15 @@ def test_sigterm_mid_engine(tmp_path, s3, tiny_models_dir, face_video, speech_wa
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == "cancelled"
     assert s3.client().list_objects_v2(Bucket="media", Prefix=out_key).get("KeyCount", 0) == 0
     assert not (workspace / "job_sigterm").exists()
+
+
+def test_stop_group_without_salad_api_is_a_clear_usage_error(monkeypatch):
+    """--on-finish stop-group needs musetalk_job.salad.api.stop_own_group; when it cannot be
+    imported the run fails up front (exit 2) instead of after the job."""
+    from musetalk_job.errors import SpecError
+    from musetalk_job.runner_cli import _stop_group_function
+
+    monkeypatch.setitem(sys.modules, "musetalk_job.salad.api", None)  # makes the import fail
+    with pytest.raises(SpecError) as info:
+        _stop_group_function()
+    assert info.value.exit_code == 2 and "stop-group" in info.value.message and "salad.api" in info.value.message

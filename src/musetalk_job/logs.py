@@ -11,7 +11,8 @@ Contract
   ``event(message, **fields)`` and ``close()``. On a TTY (``auto``) it draws a tqdm bar per
   named stage; otherwise it writes JSON lines ``{"ts", "level", "job_id", "stage", "done",
   "total", "elapsed_s", "msg"}`` to stderr, throttled to about one line per second per
-  stage (first and last always written). stdout is left for the result manifest.
+  stage (first and last always written); ``text`` writes the same as plain lines. stdout is
+  left for the result manifest.
 """
 
 from __future__ import annotations
@@ -140,14 +141,18 @@ class Reporter:
                 return
             self._last_emit[stage] = now
             self._stage = stage
-            self._emit("info", "progress", stage=stage, done=done, total=total)
+            if self.mode == "text":
+                elapsed = time.monotonic() - self.t0
+                count = f"{done}/{total}" if total else "started"
+                self._write(f"[{self.job_id}] {stage:<9} {count} ({elapsed:.1f} s)")
+            else:
+                self._emit("info", "progress", stage=stage, done=done, total=total)
 
     def event(self, message: str, level: str = "info", **fields: Any) -> None:
         with self._lock:
-            if self.mode == "tty":
+            if self.mode in ("tty", "text"):
                 self._close_bar()
-                self.stream.write(redact_text(message) + "\n")
-                self.stream.flush()
+                self._write(f"[{self.job_id}] {message}" if self.mode == "text" else message)
                 return
             self._emit(level, message, **fields)
 
@@ -160,6 +165,13 @@ class Reporter:
         self.progress(stage, done, total)
 
     # -- internals -----------------------------------------------------------------------
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(redact_text(text) + "\n")
+            self.stream.flush()
+        except ValueError:  # stream closed at interpreter exit
+            pass
+
     def _emit(self, level: str, message: str, **fields: Any) -> None:
         entry = {
             "ts": round(time.time(), 3),
@@ -169,11 +181,7 @@ class Reporter:
             "elapsed_s": round(time.monotonic() - self.t0, 3),
         }
         entry.update(fields)
-        try:
-            self.stream.write(redact_text(json.dumps(entry, default=str)) + "\n")
-            self.stream.flush()
-        except ValueError:  # stream closed at interpreter exit
-            pass
+        self._write(json.dumps(entry, default=str))
 
     def _tty(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
