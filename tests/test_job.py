@@ -187,9 +187,12 @@ def test_settings_from_env_and_flags(tmp_path):
     assert Settings().models_dir == Path("models")
     flagged = load_settings({"MUSETALK_ON_FINISH": "idle"}, {"on_finish": "exit", "workspace_root": str(tmp_path)})
     assert flagged.on_finish == "exit" and flagged.workspace_root == tmp_path
+    assert load_settings({"MUSETALK_DEVICE": "auto"}, {}).device is None
+    assert load_settings({}, {"device": "cuda:1"}).device == "cuda:1"
     with pytest.raises(SpecError) as info:
-        load_settings({"MUSETALK_LOG_FORMAT": "xml", "MUSETALK_ON_FINISH": "reboot"}, {})
-    assert "MUSETALK_LOG_FORMAT" in info.value.message and "MUSETALK_ON_FINISH" in info.value.message
+        load_settings({"MUSETALK_LOG_FORMAT": "xml", "MUSETALK_ON_FINISH": "reboot", "MUSETALK_DEVICE": "gpu"}, {})
+    for name in ("MUSETALK_LOG_FORMAT", "MUSETALK_ON_FINISH", "MUSETALK_DEVICE"):
+        assert name in info.value.message
 
 
 def test_field_table_rows():

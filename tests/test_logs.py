@@ -6,6 +6,8 @@ import io
 import json
 import logging
 
+import pytest
+
 from musetalk_job.logs import Reporter, resolve_format, setup_logging
 
 SECRET_URL = "https://bucket.example.com/in.mp4?X-Amz-Signature=abcdef0123456789&X-Amz-Credential=AKIAXXXX"
@@ -54,12 +56,23 @@ def test_text_mode_lines():
     assert "[job-3] fetch     started" in stream.getvalue() and "[job-3] encode    2/2" in stream.getvalue()
 
 
-def test_logger_redacts_messages_args_and_tracebacks(monkeypatch):
+@pytest.fixture
+def restore_logging():
+    yield
+    for name in ("musetalk_job", None):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if getattr(h, "_musetalk", False)]:
+            logger.removeHandler(handler)
+    logging.getLogger("musetalk_job").propagate = True
+
+
+def test_logger_redacts_messages_args_and_tracebacks(monkeypatch, restore_logging):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-secret")
     stream = io.StringIO()
     setup_logging("json", "job-4", stream)
     log = logging.getLogger("musetalk_job.test")
     log.info("GET %s", SECRET_URL)
+    logging.getLogger("urllib3.connectionpool").warning("Retrying after broken connection: %s", SECRET_URL)
     try:
         raise RuntimeError(f"boom {SECRET_URL} key wJalrXUtnFEMI-secret")
     except RuntimeError:
@@ -67,8 +80,10 @@ def test_logger_redacts_messages_args_and_tracebacks(monkeypatch):
     text = stream.getvalue()
     entries = [json.loads(line) for line in text.splitlines()]
     assert entries[0]["job_id"] == "job-4" and entries[0]["msg"].endswith("?<redacted>")
-    assert "boom" in entries[1]["exc"]
+    assert "urllib3" in entries[1]["logger"] and entries[1]["msg"].endswith("?<redacted>")
+    assert "boom" in entries[2]["exc"]
     for secret in ("abcdef0123456789", "AKIAXXXX", "wJalrXUtnFEMI-secret"):
         assert secret not in text
-    setup_logging("text", None, stream)  # idempotent: one handler, now text
-    assert len([h for h in logging.getLogger("musetalk_job").handlers if getattr(h, "_musetalk", False)]) == 1
+    setup_logging("text", None, stream)  # idempotent: one handler each, now text
+    for name in ("musetalk_job", None):
+        assert len([h for h in logging.getLogger(name).handlers if getattr(h, "_musetalk", False)]) == 1

@@ -192,7 +192,7 @@ class Settings:
 SETTINGS_SOURCES: dict[str, tuple[str, str, str]] = {
     "models_dir": ("MUSETALK_MODELS_DIR", "--models-dir", "Models directory (default ./models)"),
     "workspace_root": ("MUSETALK_WORKDIR", "--workdir", "Directory under which job_<id>/ is created (default /tmp)"),
-    "device": ("MUSETALK_DEVICE", "--device", "cuda, cuda:N or cpu (default: cuda if available)"),
+    "device": ("MUSETALK_DEVICE", "--device", "auto, cuda, cuda:N or cpu (default auto: cuda if available)"),
     "log_format": ("MUSETALK_LOG_FORMAT", "--log-format", "auto (bar on a TTY, else JSON lines), json or text"),
     "on_finish": ("MUSETALK_ON_FINISH", "--on-finish", "exit, idle (wait for a signal) or stop-group (Salad)"),
     "retry_base_s": ("MUSETALK_RETRY_BASE_S", "--retry-base-s", "First retry delay in seconds (doubles each retry)"),
@@ -246,6 +246,13 @@ def _convert_setting(name: str, raw: Any) -> Any:
             raise ValueError(f"{raw!r} is not a number") from None
         if value < 0:
             raise ValueError(f"{raw!r} must be >= 0")
+        return value
+    if name == "device":
+        value = str(raw).strip().lower()
+        if value in ("", "auto"):
+            return None
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"{raw!r} is not a device; use auto, cpu, cuda or cuda:N")
         return value
     return str(raw)
 

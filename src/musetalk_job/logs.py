@@ -97,14 +97,20 @@ def setup_logging(log_format: str = "auto", job_id: Optional[str] = None, stream
     stream = stream or sys.stderr
     fmt = resolve_format(log_format, stream)
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        if getattr(handler, "_musetalk", False):
-            logger.removeHandler(handler)
-    handler = logging.StreamHandler(stream)
-    handler._musetalk = True  # type: ignore[attr-defined]
-    handler.addFilter(RedactFilter())
-    handler.setFormatter(JsonFormatter(job_id) if fmt == "json" else TextFormatter())
-    logger.addHandler(handler)
+    root = logging.getLogger()
+    for owner in (logger, root):
+        for handler in list(owner.handlers):
+            if getattr(handler, "_musetalk", False):
+                owner.removeHandler(handler)
+    for owner, level in ((logger, logging.NOTSET), (root, logging.WARNING)):
+        # Third-party libraries (urllib3, botocore, fsspec) log through the root logger; their
+        # warnings can carry URLs, so they get the same redacting handler.
+        handler = logging.StreamHandler(stream)
+        handler._musetalk = True  # type: ignore[attr-defined]
+        handler.setLevel(level)
+        handler.addFilter(RedactFilter())
+        handler.setFormatter(JsonFormatter(job_id) if fmt == "json" else TextFormatter())
+        owner.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     return logger

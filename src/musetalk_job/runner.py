@@ -446,7 +446,7 @@ def run_job(
         if created_workdir and not spec.keep_workdir:
             remove_workdir(workdir)
     assert error is not None
-    log.error("job %s failed: %s", spec.job_id, error.one_line())
+    log.error("job %s failed (exit %d, %s): %s", spec.job_id, error.exit_code, type(error).__name__, error.message)
     manifest = _finish(manifest, stage_seconds, t_start)
     return JobOutcome(error.exit_code, failure_manifest(error, spec, manifest), error)
 
