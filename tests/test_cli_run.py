@@ -394,6 +394,17 @@ def test_sigterm_mid_engine(tmp_path, s3, tiny_models_dir, face_video, speech_wa
     assert not (workspace / "job_sigterm").exists()
 
 
+def test_on_finish_idle_after_a_failed_job_keeps_the_exit_code():
+    job = _start(["--video", "v.mp4", "--on-finish", "idle"], {})  # audio/output missing: exit 2
+    manifest = json.loads(job.proc.stdout.readline())
+    assert manifest["exit_code"] == 2
+    time.sleep(0.5)
+    assert job.proc.poll() is None
+    job.proc.send_signal(signal.SIGINT)
+    rc, _, stderr = job.finish(10)
+    assert rc == 2 and stderr.count("error[2]:") == 1
+
+
 def test_stop_group_without_salad_api_is_a_clear_usage_error(monkeypatch):
     """--on-finish stop-group needs musetalk_job.salad.api.stop_own_group; when it cannot be
     imported the run fails up front (exit 2) instead of after the job."""

@@ -151,7 +151,7 @@ def _signal_error(token: Any) -> Cancelled:
 
 def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
     from .job import SETTINGS_SOURCES, job_flags_from_args, load_job, load_settings, unknown_env_warnings
-    from .logs import make_reporter, setup_logging
+    from .logs import setup_logging
 
     setting_flags = {name: getattr(args, "setting_" + name, None) for name in SETTINGS_SOURCES}
     try:
@@ -163,15 +163,26 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
     for warning in unknown_env_warnings(os.environ):
         log.warning(warning)
     try:
-        loaded = load_job(env=os.environ, job_file=args.job, flags=job_flags_from_args(args))
         stop_group = _stop_group_function() if settings.on_finish == "stop-group" else None
     except SpecError as exc:
         return _fail(exc)
+    try:
+        loaded = load_job(env=os.environ, job_file=args.job, flags=job_flags_from_args(args))
+    except SpecError as exc:
+        return _after_job(_fail(exc), settings, stop_group, token, signals)
     spec = loaded.spec
     setup_logging(settings.log_format, spec.job_id)
     if signals.forward(token):
         return _fail(_signal_error(token), spec)
+    exit_code = _run_in_thread(spec, settings, token, signals)
+    return _after_job(exit_code, settings, stop_group, token, signals)
 
+
+def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> int:
+    """Run the job in a worker thread so the main thread stays free for signals; print the
+    result; return the exit code. Exits the process if the job ignores a stop request."""
+    from . import storage
+    from .logs import make_reporter
     from .runner import EngineCache, failure_manifest, remove_workdir, run_job
 
     reporter = make_reporter(settings.log_format, spec.job_id)
@@ -189,15 +200,15 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
     while thread.is_alive():
         thread.join(0.1)
         if signals.forward(token) and thread.is_alive():
-            overdue = time.monotonic() - signals.first_at > settings.stop_grace_s
+            overdue = time.monotonic() - (signals.first_at or 0.0) > settings.stop_grace_s
             if overdue or signals.count > 1:
-                # The engine is inside a long call: clean up and leave without waiting for it.
+                # The job is inside a long call (engine, socket read): clean up and leave now.
+                storage.remove_partial_uploads()
                 if not spec.keep_workdir:
                     remove_workdir(settings.workdir_for(spec.job_id))
                 error = _signal_error(token)
                 log.error("job %s did not stop within %.1f s; exiting now", spec.job_id, settings.stop_grace_s)
                 _print_result(failure_manifest(error, spec), error)
-                logging.shutdown()
                 os._exit(error.exit_code)
 
     if "exc" in holder:
@@ -207,16 +218,22 @@ def _main(args: argparse.Namespace, token: Any, signals: _Signals) -> int:
         return _fail(EngineRuntimeError(f"internal error: {type(holder['exc']).__name__}"), spec)
     outcome = holder["outcome"]
     _print_result(outcome.manifest, outcome.error)
+    return outcome.exit_code
 
+
+def _after_job(exit_code: int, settings: Any, stop_group: Optional[Callable[[], Any]], token: Any,
+               signals: _Signals) -> int:
+    """``--on-finish``: exit now, or (idle / stop-group) stay up until a signal so that a
+    platform restarting exited containers does not run the job again."""
     if settings.on_finish == "exit" or signals.forward(token):
-        return outcome.exit_code
+        return exit_code
     if stop_group is not None:
         try:
             log.info("on-finish stop-group: asking SaladCloud to stop this container group")
             stop_group()
         except Exception as exc:  # noqa: BLE001 - the job result is already out; keep idling
             log.error("on-finish stop-group failed: %s: %s; idling instead", type(exc).__name__, exc)
-    log.info("on-finish %s: job done (exit %d); idling until SIGTERM/SIGINT", settings.on_finish, outcome.exit_code)
+    log.info("on-finish %s: job done (exit %d); idling until SIGTERM/SIGINT", settings.on_finish, exit_code)
     while not signals.forward(token):
         time.sleep(0.2)
-    return outcome.exit_code
+    return exit_code

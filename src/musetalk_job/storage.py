@@ -602,6 +602,18 @@ def upload_bytes(
         tmp_path.unlink(missing_ok=True)
 
 
+_PARTIAL: set[Path] = set()  # temp files of local uploads in progress
+_PARTIAL_LOCK = threading.Lock()
+
+
+def remove_partial_uploads() -> None:
+    """Delete temp files of local uploads still in progress (used before an emergency exit)."""
+    with _PARTIAL_LOCK:
+        for path in list(_PARTIAL):
+            path.unlink(missing_ok=True)
+            _PARTIAL.discard(path)
+
+
 def _atomic_local_copy(src: Path, target: Path, cancel, what: str) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -609,6 +621,8 @@ def _atomic_local_copy(src: Path, target: Path, cancel, what: str) -> None:
     except OSError as exc:
         raise InputMediaError(f"{what}: cannot write to {target.parent}: {exc.strerror}; check the output path") from None
     tmp = Path(tmp_name)
+    with _PARTIAL_LOCK:
+        _PARTIAL.add(tmp)
     try:
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             shutil.copyfileobj(fin, fout, CHUNK)
@@ -619,6 +633,9 @@ def _atomic_local_copy(src: Path, target: Path, cancel, what: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        with _PARTIAL_LOCK:
+            _PARTIAL.discard(tmp)
 
 
 def exists(url: str, policy: TransferPolicy, *, what: str = "output") -> bool:
