@@ -1,0 +1,754 @@
+"""Media I/O for the engine: probe, decode frames, load speech, encode the result once.
+
+Contract
+--------
+- ``probe(path) -> MediaInfo``: what a file holds (video / image / audio), display size after
+  rotation, average frame rate, durations. Anything unreadable raises ``InputMediaError``
+  naming the file and the problem; a missing stream is reported in the fields
+  (``has_video`` / ``has_audio``), not raised, so the caller words the error for its field.
+- ``read_frames(path, image_fps=25.0) -> VideoFrames``: every frame as RGB uint8
+  ``[N, H, W, 3]`` at a **constant** frame rate. Rotation side data (display matrix) is
+  applied like the ffmpeg CLI does; a variable-frame-rate file is resampled to its average
+  rate by timestamp (frames duplicated or dropped as ffmpeg's ``fps`` filter does); a single
+  image gives ``N == 1`` at ``image_fps`` (EXIF orientation applied, as ``cv2.imread`` does).
+- ``load_audio(path, sr=16000) -> float32 mono``: what ``librosa.load(path, sr=16000)``
+  gives: decode at the native rate, average the channels, resample with soxr "HQ" and fix
+  the length to ``ceil(n * sr / native_sr)`` samples (librosa's ``fix_length``).
+- ``VideoWriter``: H.264 (``h264_nvenc`` when an NVIDIA encoder really opens, else libx264)
+  yuv420p CRF 18 ``+faststart``, or lossless ``ffv1`` / ``h264-lossless`` for exact
+  comparisons; AAC audio re-encoded from the decoded source; encoding and colour conversion
+  run in a background thread behind a bounded queue; the video is encoded exactly once.
+- ``encoders_available() -> dict[str, bool]``.
+
+PyAV (``av``) does all decoding and encoding in-process; no ffmpeg subprocess, no temporary
+PNGs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+import av
+import numpy as np
+
+from .errors import EngineRuntimeError, InputMediaError, SpecError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# libavformat demuxers that mean "this file is one still image".
+_IMAGE_DEMUXERS = frozenset({"image2", "image2pipe"})
+# Sample rates the AAC encoder accepts as is; others are resampled to 48 kHz.
+_AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
+# libx264 preset names -> NVENC p1 (fastest) .. p7 (slowest).
+_NVENC_PRESETS = {
+    "ultrafast": "p1", "superfast": "p1", "veryfast": "p2", "faster": "p3", "fast": "p3",
+    "medium": "p4", "slow": "p5", "slower": "p6", "veryslow": "p7", "placebo": "p7",
+}
+
+Codec = Literal["h264", "ffv1", "h264-lossless"]
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What one media file holds. Sizes are the displayed size (after rotation)."""
+
+    kind: Literal["video", "image", "audio"]
+    width: Optional[int] = None
+    height: Optional[int] = None
+    fps: Optional[float] = None  # average frame rate (video), None for images/audio
+    duration_s: Optional[float] = None  # container duration (video/audio); None for an image
+    n_frames: Optional[int] = None  # frames read_frames will return (estimate from duration x fps)
+    has_video: bool = False
+    has_audio: bool = False
+    audio_duration_s: Optional[float] = None
+    rotation: int = 0  # degrees counter-clockwise applied to decoded frames (0, 90, 180, 270)
+    video_codec: Optional[str] = None
+    audio_codec: Optional[str] = None
+    audio_sample_rate: Optional[int] = None
+    audio_channels: Optional[int] = None
+
+
+@dataclass
+class VideoFrames:
+    """Decoded frames, RGB uint8 ``[N, H, W, 3]``, at a constant rate ``fps``.
+
+    ``rate`` is the same rate as an exact fraction (e.g. 30000/1001); pass it to
+    ``VideoWriter(fps=...)`` to keep NTSC rates exact.
+    """
+
+    frames: np.ndarray
+    fps: float
+    rate: Optional[Fraction] = None
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Opening and probing
+
+
+def _check_file(path: PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputMediaError(f"{p}: file not found")
+    if not p.is_file():
+        raise InputMediaError(f"{p}: is not a regular file")
+    if p.stat().st_size == 0:
+        raise InputMediaError(f"{p}: file is empty (0 bytes); send a video, image or audio file")
+    return p
+
+
+def _open(p: Path) -> Any:
+    try:
+        return av.open(str(p), "r")
+    except av.FFmpegError as exc:
+        raise InputMediaError(
+            f"{p}: not a readable media file ({_av_reason(exc)}); send a video (mp4, mov, mkv, webm), "
+            "an image (jpg, png) or an audio file (wav, mp3, m4a, flac, ogg)"
+        ) from exc
+
+
+def _av_reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split())[:200]
+
+
+def _video_stream(container: Any) -> Any:
+    """The first video stream that is a real picture sequence (not cover art)."""
+    for stream in container.streams.video:
+        if stream.disposition & av.stream.Disposition.attached_pic:
+            continue
+        return stream
+    return None
+
+
+def _is_still_image(p: Path, container: Any | None) -> bool:
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    if container is None:
+        return False
+    names = set(container.format.name.split(","))
+    return bool(names & _IMAGE_DEMUXERS) or any(n.endswith("_pipe") for n in names)
+
+
+def _as_float(value: Any) -> Optional[float]:
+    return float(value) if value else None
+
+
+def _stream_duration(stream: Any, container: Any) -> Optional[float]:
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
+
+
+def _rotation_of(frame: Any) -> int:
+    """Display-matrix rotation in degrees counter-clockwise, snapped to a multiple of 90."""
+    try:
+        angle = float(frame.rotation or 0)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+    return int(round(angle / 90.0)) % 4 * 90
+
+
+def _frame_rate(stream: Any) -> Optional[Fraction]:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate and rate > 0:
+            return Fraction(rate)
+    return None
+
+
+def probe(path: PathLike) -> MediaInfo:
+    """Describe ``path``; raises ``InputMediaError`` if it is missing, empty or unreadable."""
+    p = _check_file(path)
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return _probe_image(p)
+    try:
+        container = av.open(str(p), "r")
+    except av.FFmpegError as exc:
+        try:  # an image with an unusual name is still an image
+            return _probe_image(p)
+        except InputMediaError:
+            pass
+        raise InputMediaError(
+            f"{p}: not a readable media file ({_av_reason(exc)}); send a video (mp4, mov, mkv, webm), "
+            "an image (jpg, png) or an audio file (wav, mp3, m4a, flac, ogg)"
+        ) from exc
+    with container:
+        if _is_still_image(p, container):
+            return _probe_image(p)
+        vstream = _video_stream(container)
+        astream = container.streams.audio[0] if container.streams.audio else None
+        if vstream is None and astream is None:
+            raise InputMediaError(f"{p}: has neither a video nor an audio stream")
+        info: dict[str, Any] = {}
+        if astream is not None:
+            info.update(
+                has_audio=True,
+                audio_duration_s=_stream_duration(astream, container),
+                audio_codec=astream.codec_context.name,
+                audio_sample_rate=astream.codec_context.sample_rate or None,
+                audio_channels=astream.codec_context.channels or None,
+            )
+        if vstream is None:
+            return MediaInfo(kind="audio", duration_s=info.get("audio_duration_s"), **info)
+        rotation, first = 0, None
+        try:
+            for frame in container.decode(vstream):
+                first = frame
+                break
+        except av.FFmpegError as exc:
+            raise InputMediaError(f"{p}: the video stream cannot be decoded ({_av_reason(exc)})") from exc
+        if first is None:
+            raise InputMediaError(f"{p}: the video stream has no decodable frames")
+        rotation = _rotation_of(first)
+        width, height = first.width, first.height
+        if rotation in (90, 270):
+            width, height = height, width
+        rate = _frame_rate(vstream)
+        duration = _stream_duration(vstream, container)
+        if vstream.frames:
+            n_frames = int(vstream.frames)
+        elif duration and rate:
+            n_frames = max(1, int(round(duration * rate)))
+        else:
+            n_frames = None
+        return MediaInfo(
+            kind="video",
+            width=width,
+            height=height,
+            fps=float(rate) if rate else None,
+            duration_s=duration,
+            n_frames=n_frames,
+            has_video=True,
+            rotation=rotation,
+            video_codec=vstream.codec_context.name,
+            **info,
+        )
+
+
+def _load_image(p: Path) -> np.ndarray:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as img:
+            img = ImageOps.exif_transpose(img)
+            rgb = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputMediaError(f"{p}: not a readable image ({_av_reason(exc)}); send a jpg or png") from exc
+    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise InputMediaError(f"{p}: the image is empty")
+    return np.ascontiguousarray(rgb)
+
+
+def _probe_image(p: Path) -> MediaInfo:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as img:
+            width, height = ImageOps.exif_transpose(img).size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InputMediaError(f"{p}: not a readable image or media file ({_av_reason(exc)})") from exc
+    return MediaInfo(kind="image", width=width, height=height, n_frames=1, has_video=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Frames
+
+
+def cfr_indices(times: np.ndarray, rate: Fraction | float) -> np.ndarray:
+    """Which decoded frame fills each constant-rate output slot.
+
+    ``times`` are the decoded frames' presentation times in seconds (ascending). Like
+    ffmpeg's ``fps`` filter (``round=near``, ``eof_action=round``): a frame at time ``t``
+    belongs to slot ``round(t * rate)`` (relative to the first frame); each slot shows the
+    latest frame at or before it (a gap repeats the previous frame, several frames in one
+    slot keep the last); the stream ends after the last frame's slot.
+    """
+    rate_f = float(rate)
+    rel = (np.asarray(times, dtype=np.float64) - float(times[0])) * rate_f
+    slots = np.floor(rel + 0.5).astype(np.int64)  # round half up, as av_rescale_q_rnd NEAR_INF
+    slots = np.maximum.accumulate(slots)  # timestamps that go backwards never reorder frames
+    n_out = int(slots[-1]) + 1
+    return np.searchsorted(slots, np.arange(n_out), side="right") - 1
+
+
+def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
+    """Decode every frame of ``path`` to RGB uint8 at a constant rate (see module doc)."""
+    p = _check_file(path)
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return _image_frames(p, image_fps)
+    container = _open(p)
+    with container:
+        if _is_still_image(p, container):
+            return _image_frames(p, image_fps)
+        stream = _video_stream(container)
+        if stream is None:
+            raise InputMediaError(f"{p}: has no video stream; send a video file or an image of a face")
+        stream.thread_type = "AUTO"
+        rate = _frame_rate(stream)
+        duration = _stream_duration(stream, container)
+        capacity = int(stream.frames or 0)
+        if not capacity and rate and duration:
+            capacity = int(duration * rate * 1.05) + 2
+        capacity = max(capacity, 16)
+        buf: Optional[np.ndarray] = None
+        times: list[float] = []
+        rotation = 0
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                if buf is None:
+                    rotation = _rotation_of(frame)
+                    h, w = frame.height, frame.width
+                    shape = (w, h) if rotation in (90, 270) else (h, w)
+                    buf = np.empty((capacity, shape[0], shape[1], 3), dtype=np.uint8)
+                elif (frame.width, frame.height) != (first_w, first_h):
+                    raise InputMediaError(
+                        f"{p}: the frame size changes mid-stream ({first_w}x{first_h} -> "
+                        f"{frame.width}x{frame.height}); re-encode the video at one resolution"
+                    )
+                if n == buf.shape[0]:
+                    buf = np.concatenate([buf, np.empty_like(buf)], axis=0)
+                rgb = frame.to_ndarray(format="rgb24")
+                buf[n] = np.rot90(rgb, rotation // 90) if rotation else rgb
+                first_w, first_h = frame.width, frame.height
+                t = frame.time
+                times.append(float(t) if t is not None else (n / float(rate) if rate else float(n)))
+                n += 1
+        except av.FFmpegError as exc:
+            if n == 0:
+                raise InputMediaError(f"{p}: the video stream cannot be decoded ({_av_reason(exc)})") from exc
+            # A damaged tail: keep what decoded, as ffmpeg does.
+        if buf is None or n == 0:
+            raise InputMediaError(f"{p}: the video stream has no decodable frames")
+        frames = buf[:n]
+        if rate is None:
+            span = times[-1] - times[0]
+            rate = Fraction(n - 1, 1) / Fraction(span) if span > 0 else Fraction(25)
+            rate = rate.limit_denominator(1001)
+        index = cfr_indices(np.asarray(times), rate)
+        if len(index) != n or np.any(index != np.arange(n)):
+            frames = frames[index]
+        elif n < buf.shape[0] // 2:
+            frames = frames.copy()  # give the spare capacity back
+        return VideoFrames(frames=frames, fps=float(rate), rate=rate)
+
+
+def _image_frames(p: Path, image_fps: float) -> VideoFrames:
+    if not image_fps or image_fps <= 0:
+        raise SpecError(f"fps: must be > 0 for a single-image input (got {image_fps})")
+    rgb = _load_image(p)
+    rate = _as_rate(image_fps)
+    return VideoFrames(frames=rgb[None], fps=float(image_fps), rate=rate)
+
+
+# ---------------------------------------------------------------------------------------
+# Audio
+
+
+def _decode_audio(p: Path, container: Any, stream: Any) -> Iterator[Any]:
+    """Decoded audio frames of ``stream``; decode errors become ``InputMediaError``."""
+    try:
+        yield from container.decode(stream)
+    except av.FFmpegError as exc:
+        raise InputMediaError(f"{p}: the audio stream cannot be decoded ({_av_reason(exc)})") from exc
+
+
+def load_audio(path: PathLike, sr: int = 16000) -> np.ndarray:
+    """Mono float32 samples of the first audio stream at ``sr`` Hz (librosa.load semantics)."""
+    import soxr
+
+    p = _check_file(path)
+    container = _open(p)
+    with container:
+        if not container.streams.audio:
+            raise InputMediaError(
+                f"{p}: has no audio stream; send a speech file (wav, mp3, m4a, flac, ogg) or a video with sound"
+            )
+        stream = container.streams.audio[0]
+        stream.thread_type = "AUTO"
+        # Sample-format conversion only (same rate, same layout): exact for PCM input.
+        resampler = None
+        chunks: list[np.ndarray] = []
+        native_sr = 0
+        for frame in _decode_audio(p, container, stream):
+            if resampler is None:
+                native_sr = frame.sample_rate
+                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=native_sr)
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+        if resampler is not None:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise InputMediaError(f"{p}: the audio stream holds no samples; send a file with audible speech")
+    planar = np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
+    mono = planar.mean(axis=0, dtype=np.float32) if planar.shape[0] > 1 else planar[0]
+    if native_sr == sr:
+        return np.ascontiguousarray(mono, dtype=np.float32)
+    # librosa.resample: soxr "HQ", then fix_length to ceil(n * ratio) with ratio a float.
+    n_out = int(np.ceil(mono.shape[-1] * (float(sr) / native_sr)))
+    y = soxr.resample(mono, native_sr, sr, quality="HQ").astype(np.float32, copy=False)
+    if y.shape[0] > n_out:
+        y = y[:n_out]
+    elif y.shape[0] < n_out:
+        y = np.pad(y, (0, n_out - y.shape[0]))
+    return np.ascontiguousarray(y)
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding
+
+
+@functools.lru_cache(maxsize=None)
+def encoders_available() -> dict[str, bool]:
+    """Which output encoders this PyAV build has; ``h264_nvenc`` only if it really opens
+    (an NVIDIA GPU and driver are present), checked once per process."""
+    found: dict[str, bool] = {}
+    for name in ("libx264", "h264_nvenc", "libx264rgb", "ffv1", "aac"):
+        try:
+            av.codec.Codec(name, "w")
+            found[name] = True
+        except Exception:  # noqa: BLE001 - any failure means "not available"
+            found[name] = False
+    if found["h264_nvenc"]:
+        found["h264_nvenc"] = _nvenc_opens()
+    return found
+
+
+def _nvenc_opens() -> bool:
+    if os.environ.get("MUSETALK_NVENC", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    try:
+        ctx = av.CodecContext.create("h264_nvenc", "w")
+        ctx.width, ctx.height = 256, 256
+        ctx.pix_fmt = "yuv420p"
+        ctx.time_base = Fraction(1, 25)
+        ctx.framerate = Fraction(25)
+        ctx.open()
+        frame = av.VideoFrame(256, 256, "yuv420p")
+        frame.pts = 0
+        ctx.encode(frame)
+        ctx.encode(None)
+        return True
+    except Exception:  # noqa: BLE001 - no GPU, no driver, no session: fall back to libx264
+        return False
+
+
+def _as_rate(fps: float | Fraction) -> Fraction:
+    """An exact frame rate: 29.97002997... -> 30000/1001, 25.0 -> 25, 22.7272... -> 250/11."""
+    if isinstance(fps, Fraction):
+        return fps
+    value = float(fps)
+    if not math.isfinite(value) or value <= 0:
+        raise SpecError(f"fps: must be a positive number (got {fps})")
+    close = Fraction(value).limit_denominator(1001)
+    if abs(float(close) - value) <= 1e-9 * value:
+        return close
+    return Fraction(value).limit_denominator(1_000_000)
+
+
+_STOP = object()
+
+
+class VideoWriter:
+    """Encode RGB frames to ``path`` in a background thread; mux AAC audio from ``audio_path``.
+
+    ``write(frames)`` queues a ``[B, H, W, 3]`` uint8 RGB batch (``[H, W, 3]`` is one frame)
+    and returns as soon as there is room in the bounded queue; the writer owns the array
+    from then on (do not modify it). ``close()`` flushes and finalises; ``abort()`` stops and
+    deletes the partial file. Used as a context manager it closes on success and aborts on
+    an exception.
+
+    H.264 output needs even dimensions: an odd width/height is padded by one pixel that
+    repeats the last column/row (no input pixel is lost). Lossless codecs keep odd sizes.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        width: int,
+        height: int,
+        fps: float | Fraction,
+        audio_path: Optional[PathLike] = None,
+        codec: Codec = "h264",
+        crf: int = 18,
+        preset: str = "medium",
+        queue_size: int = 8,
+    ) -> None:
+        if width <= 0 or height <= 0:
+            raise SpecError(f"output size must be positive (got {width}x{height})")
+        if codec not in ("h264", "ffv1", "h264-lossless"):
+            raise SpecError(f"codec: unknown value {codec!r}; use h264, ffv1 or h264-lossless")
+        self.path = Path(path)
+        self.width, self.height = int(width), int(height)
+        self.rate = _as_rate(fps)
+        self.codec = codec
+        self.frames_written = 0
+        self._error: Optional[BaseException] = None
+        self._aborted = threading.Event()
+        self._closed = False
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        suffix = self.path.suffix.lower()
+        if codec == "ffv1" and suffix not in (".mkv", ".avi", ".nut"):
+            raise SpecError(f"codec: ffv1 needs an .mkv output path (got {self.path.name})")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        options = {"movflags": "+faststart"} if suffix in (".mp4", ".mov", ".m4v") else {}
+        try:
+            self._container = av.open(str(self.path), "w", options=options)
+        except (av.FFmpegError, ValueError) as exc:
+            raise EngineRuntimeError(f"output {self.path}: cannot create ({_av_reason(exc)})") from exc
+        self._audio_in = None
+        try:
+            self._setup_video(crf, preset)
+            if audio_path is not None:
+                self._setup_audio(Path(audio_path))
+        except BaseException:
+            self._container.close()
+            self._remove_output()
+            if self._audio_in is not None:
+                self._audio_in.close()
+            raise
+        self._thread = threading.Thread(target=self._run, name="video-encoder", daemon=True)
+        self._thread.start()
+
+    # -- setup ----------------------------------------------------------------------------
+
+    def _setup_video(self, crf: int, preset: str) -> None:
+        self._pad_w = self._pad_h = 0
+        if self.codec == "h264":
+            self.encoder = "h264_nvenc" if encoders_available()["h264_nvenc"] else "libx264"
+            self._pad_w, self._pad_h = self.width % 2, self.height % 2
+            stream = self._container.add_stream(self.encoder, rate=self.rate)
+            stream.pix_fmt = "yuv420p"
+            if self.encoder == "libx264":
+                stream.options = {"crf": str(crf), "preset": preset}
+            else:
+                stream.options = {"preset": _NVENC_PRESETS.get(preset, "p4"), "tune": "hq", "rc": "vbr",
+                                  "cq": str(crf), "b": "0"}
+            # The RGB->YUV matrix used below, tagged so players decode the colours we meant.
+            stream.codec_context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
+            stream.codec_context.color_range = 1  # AVCOL_RANGE_MPEG (limited)
+            self._pix_fmt = "yuv420p"
+        elif self.codec == "h264-lossless":
+            self.encoder = "libx264rgb"
+            stream = self._container.add_stream("libx264rgb", rate=self.rate)
+            stream.pix_fmt = "rgb24"
+            stream.options = {"qp": "0", "preset": preset}
+            self._pix_fmt = "rgb24"
+        else:
+            self.encoder = "ffv1"
+            stream = self._container.add_stream("ffv1", rate=self.rate)
+            stream.pix_fmt = "gbrp"
+            self._pix_fmt = "gbrp"
+        stream.width = self.width + self._pad_w
+        stream.height = self.height + self._pad_h
+        stream.codec_context.thread_count = 0
+        self._vstream = stream
+
+    def _setup_audio(self, audio_path: Path) -> None:
+        p = _check_file(audio_path)
+        self._audio_in = _open(p)
+        if not self._audio_in.streams.audio:
+            raise InputMediaError(f"{p}: has no audio stream to put in the output")
+        self._audio_src = self._audio_in.streams.audio[0]
+        src_ctx = self._audio_src.codec_context
+        rate = src_ctx.sample_rate if src_ctx.sample_rate in _AAC_RATES else 48000
+        channels = src_ctx.channels or 1
+        layout = "mono" if channels == 1 else "stereo"
+        self._astream = self._container.add_stream("aac", rate=rate)
+        self._astream.layout = layout
+        self._astream.bit_rate = 128_000 if channels > 1 else 96_000
+        self._audio_path = p
+        self._audio_rate = rate
+        self._audio_resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+        self._audio_fifo = av.AudioFifo()
+        self._audio_frames = _decode_audio(p, self._audio_in, self._audio_src)
+        self._audio_eof = False
+        self._audio_samples = 0  # samples sent to the encoder
+
+    # -- public API -----------------------------------------------------------------------
+
+    def write(self, frames: np.ndarray) -> None:
+        """Queue frames ``[B, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB for encoding."""
+        if self._closed:
+            raise EngineRuntimeError(f"output {self.path}: write() after close()/abort()")
+        arr = np.asarray(frames)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[1:] != (self.height, self.width, 3) or arr.dtype != np.uint8:
+            raise EngineRuntimeError(
+                f"output {self.path}: frames must be uint8 [B, {self.height}, {self.width}, 3], "
+                f"got {arr.dtype} {list(arr.shape)}"
+            )
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(arr, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Flush the encoders, write the trailer; raises if encoding failed (file removed)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        if self._error is not None:
+            self._remove_output()
+            raise self._wrap(self._error)
+
+    def abort(self) -> None:
+        """Stop encoding and delete the partial output."""
+        if self._closed and not self._thread.is_alive():
+            if not self._aborted.is_set():
+                return
+        self._closed = True
+        self._aborted.set()
+        while True:  # make room for the stop marker
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
+        self._thread.join()
+        self._remove_output()
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- encoder thread -------------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._wrap(self._error)
+        if not self._thread.is_alive():
+            raise EngineRuntimeError(f"output {self.path}: the encoder thread stopped")
+
+    def _wrap(self, error: BaseException) -> BaseException:
+        if isinstance(error, (InputMediaError, EngineRuntimeError, SpecError)):
+            return error
+        return EngineRuntimeError(f"output {self.path}: encoding failed ({_av_reason(error)})")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP or self._aborted.is_set():
+                    break
+                for rgb in item:
+                    if self._aborted.is_set():
+                        break
+                    self._encode_video(rgb)
+            if not self._aborted.is_set():
+                self._finish()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            self._error = exc
+        finally:
+            for closer in (self._container.close, getattr(self._audio_in, "close", None)):
+                if closer is None:
+                    continue
+                try:
+                    closer()
+                except Exception as exc:  # noqa: BLE001
+                    if self._error is None and not self._aborted.is_set():
+                        self._error = exc
+
+    def _video_frame(self, rgb: np.ndarray) -> Any:
+        if self._pad_w or self._pad_h:
+            rgb = np.pad(rgb, ((0, self._pad_h), (0, self._pad_w), (0, 0)), mode="edge")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        if self._pix_fmt == "yuv420p":
+            # BT.601 limited range with bicubic chroma filtering: what ffmpeg's
+            # `-vf format=yuv420p` does to the official RGB PNGs.
+            frame = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG",
+                                   interpolation="BICUBIC")
+        elif self._pix_fmt == "gbrp":
+            frame = frame.reformat(format="gbrp")
+        return frame
+
+    def _encode_video(self, rgb: np.ndarray) -> None:
+        frame = self._video_frame(rgb)
+        frame.pts = self.frames_written
+        frame.time_base = 1 / self.rate
+        for packet in self._vstream.encode(frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+        if self._audio_in is not None:
+            # Keep the audio a little ahead of the video so the muxer interleaves evenly.
+            self._pump_audio(int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate)))
+
+    def _pump_audio(self, until: int, *, final: bool = False) -> None:
+        """Encode source audio up to sample ``until`` (output rate)."""
+        fifo = self._audio_fifo
+        while self._audio_samples + fifo.samples < until and not self._audio_eof:
+            try:
+                frame = next(self._audio_frames)
+            except StopIteration:
+                self._audio_eof = True
+                for out in self._audio_resampler.resample(None):
+                    out.pts = None
+                    fifo.write(out)
+                break
+            frame.pts = None  # the fifo re-times the samples from zero
+            for out in self._audio_resampler.resample(frame):
+                out.pts = None
+                fifo.write(out)
+        size = self._astream.codec_context.frame_size or 1024
+        while fifo.samples >= size and self._audio_samples + size <= until:
+            self._encode_audio(fifo.read(size))
+        if final:
+            rest = min(fifo.samples, until - self._audio_samples)
+            if rest > 0:
+                self._encode_audio(fifo.read(rest))
+
+    def _encode_audio(self, frame: Any) -> None:
+        frame.pts = self._audio_samples
+        frame.time_base = Fraction(1, self._audio_rate)
+        self._audio_samples += frame.samples
+        for packet in self._astream.encode(frame):
+            self._container.mux(packet)
+
+    def _finish(self) -> None:
+        if self.frames_written == 0:
+            raise EngineRuntimeError(f"output {self.path}: no frames were written")
+        for packet in self._vstream.encode(None):
+            self._container.mux(packet)
+        if self._audio_in is not None:
+            # The audio may run at most one frame past the video's end (official: no -shortest,
+            # and the frame count is floor(audio_s * fps), so the audio is never longer than that).
+            limit = int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate))
+            self._pump_audio(limit, final=True)
+            for packet in self._astream.encode(None):
+                self._container.mux(packet)
+
+    def _remove_output(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
