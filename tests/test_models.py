@@ -1,0 +1,451 @@
+"""models.loading / models.bisenet / models.random_weights: tiny random weights in the official
+layout load through the real loader; every file variant the official downloads may have loads;
+broken files fail with ModelsError (exit 5) naming the file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from musetalk_job.errors import EXIT_MODELS, ModelsError
+from musetalk_job.models import layout
+from musetalk_job.models.bisenet import BiSeNet
+from musetalk_job.models.loading import MuseTalkModels, convert_legacy_vae_keys
+from musetalk_job.models.random_weights import (
+    UNET_FULL,
+    VAE_FULL,
+    WHISPER_FULL,
+    write_bisenet,
+    write_random_weights,
+    write_unet,
+)
+
+
+def _load(models_dir: Path, version: str = "v15", **kw) -> MuseTalkModels:
+    return MuseTalkModels.load(models_dir, version=version, device=torch.device("cpu"), dtype=kw.pop("dtype", torch.float32), **kw)
+
+
+def _sd(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def models_copy(tiny_models_dir: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, dest, ignore=shutil.ignore_patterns("dwpose"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def v15(tiny_models_dir: Path) -> MuseTalkModels:
+    return _load(tiny_models_dir, "v15")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading the random models dir
+
+
+def test_tiny_v15_loads_with_the_documented_attributes(v15: MuseTalkModels, tiny_models_dir: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    assert isinstance(v15.unet, UNet2DConditionModel)
+    assert isinstance(v15.vae, AutoencoderKL)
+    assert isinstance(v15.whisper, WhisperEncoder)
+    assert isinstance(v15.feature_extractor, WhisperFeatureExtractor)
+    assert isinstance(v15.bisenet, BiSeNet)
+    assert v15.version == "v15" and v15.device == torch.device("cpu") and v15.dtype == torch.float32
+    assert 0 < v15.load_seconds < 60
+    assert v15.vae_scaling_factor == pytest.approx(0.18215)
+    for module in (v15.unet, v15.vae, v15.whisper, v15.bisenet):
+        assert not module.training
+        tensors = list(module.parameters()) + list(module.buffers())
+        assert all(not p.requires_grad for p in module.parameters())
+        assert all(t.device.type == "cpu" and not t.is_meta for t in tensors)
+        assert all(t.dtype == torch.float32 for t in module.parameters())
+    # the weights are the file's, not a fresh init
+    on_disk = _sd(tiny_models_dir / layout.UNET["v15"][0])
+    assert torch.equal(v15.unet.state_dict()["conv_in.weight"], on_disk["conv_in.weight"])
+    assert v15.sources["unet"].path == tiny_models_dir / "musetalkV15/unet.pth" and not v15.sources["unet"].fast
+
+
+def test_tiny_v1_loads_its_own_unet(tiny_models_dir: Path, v15: MuseTalkModels) -> None:
+    v1 = _load(tiny_models_dir, "v1")
+    assert v1.version == "v1"
+    on_disk = _sd(tiny_models_dir / "musetalk/pytorch_model.bin")
+    assert torch.equal(v1.unet.state_dict()["conv_in.weight"], on_disk["conv_in.weight"])
+    assert not torch.equal(v1.unet.conv_in.weight, v15.unet.conv_in.weight)
+
+
+def test_tiny_shapes_and_finite_chain(v15: MuseTalkModels) -> None:
+    """256² RGB → 4×32×32 latents → UNet (8 in, 384-d audio tokens) → decode, all finite in fp32."""
+    from musetalk_job.audio import positional_encoding
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(2, 3, 256, 256, generator=g) * 2 - 1
+    with torch.inference_mode():
+        z = v15.vae.encode(img).latent_dist.mean * v15.vae_scaling_factor
+        assert z.shape == (2, 4, 32, 32)
+        tokens = positional_encoding(torch.randn(2, 50, 384, generator=g))
+        pred = v15.unet(torch.cat([z, z], 1), 0, encoder_hidden_states=tokens).sample
+        assert pred.shape == (2, 4, 32, 32)
+        out = v15.vae.decode(pred / v15.vae_scaling_factor).sample
+        assert out.shape == (2, 3, 256, 256)
+        parsing = v15.bisenet(torch.randn(1, 3, 128, 128, generator=g))
+        assert parsing.shape == (1, 19, 128, 128)
+    for t in (z, pred, out, parsing):
+        assert torch.isfinite(t).all()
+        assert t.std() > 1e-3  # not collapsed to a constant
+
+
+def test_tiny_models_are_small(v15: MuseTalkModels) -> None:
+    counts = {n: sum(p.numel() for p in getattr(v15, n).parameters()) for n in ("unet", "vae", "bisenet")}
+    assert all(c < 1_500_000 for c in counts.values()), counts
+    assert v15.whisper.config.d_model == 384 and len(v15.whisper.layers) == 4
+
+
+def test_dtype_and_missing_dir(tiny_models_dir: Path, tmp_path: Path) -> None:
+    m = _load(tiny_models_dir, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m.unet.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in m.whisper.parameters())
+    with pytest.raises(ModelsError) as err:
+        _load(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in err.value.message and "download-weights" in err.value.message
+
+
+# --------------------------------------------------------------------------------------------
+# Random-weights writer
+
+
+def test_random_weights_deterministic_for_a_seed(tmp_path: Path) -> None:
+    write_unet(tmp_path / "a", "v15", "tiny", seed=3)
+    write_unet(tmp_path / "b", "v15", "tiny", seed=3)
+    write_unet(tmp_path / "c", "v15", "tiny", seed=4)
+    a, b, c = (_sd(tmp_path / x / "musetalkV15/unet.pth") for x in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv_in.weight"], c["conv_in.weight"])
+    write_bisenet(tmp_path / "a", "tiny", seed=3)
+    write_bisenet(tmp_path / "b", "tiny", seed=3)
+    x, y = (_sd(tmp_path / d / layout.BISENET) for d in "ab")
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_random_weights_layout_is_the_official_one(tiny_models_dir: Path) -> None:
+    for rel in (
+        "musetalkV15/unet.pth",
+        "musetalkV15/musetalk.json",
+        "musetalk/pytorch_model.bin",
+        "musetalk/musetalk.json",
+        "sd-vae/config.json",
+        "sd-vae/diffusion_pytorch_model.bin",
+        "whisper/config.json",
+        "whisper/pytorch_model.bin",
+        "whisper/preprocessor_config.json",
+        "face-parse-bisent/79999_iter.pth",
+    ):
+        assert (tiny_models_dir / rel).is_file(), rel
+    whisper = _sd(tiny_models_dir / "whisper/pytorch_model.bin")
+    prefixes = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("model.") else "") for k in whisper}
+    assert prefixes == {"model.encoder", "model.decoder", "proj_out"}
+    import json
+
+    pre = json.loads((tiny_models_dir / "whisper/preprocessor_config.json").read_text())
+    assert pre["feature_size"] == 80 and pre["sampling_rate"] == 16000 and pre["n_samples"] == 480000
+    assert pre["hop_length"] == 160 and pre["n_fft"] == 400
+
+
+def test_version_v1_only_writes_v1(tmp_path: Path) -> None:
+    write_random_weights(tmp_path, size="tiny", version="v1", dwpose=False)
+    assert (tmp_path / "musetalk/pytorch_model.bin").is_file()
+    assert not (tmp_path / "musetalkV15").exists()
+    assert _load(tmp_path, "v1").version == "v1"
+    with pytest.raises(ModelsError) as err:
+        _load(tmp_path, "v15")
+    assert "musetalkV15" in err.value.message
+
+
+def test_full_size_configs_have_the_official_parameter_counts() -> None:
+    """Instantiated on the meta device only (no memory, no time)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNET_FULL)
+        vae = AutoencoderKL.from_config(VAE_FULL)
+        whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER_FULL))
+        bisenet = BiSeNet(19, 64)
+    assert sum(p.numel() for p in unet.parameters()) == 849_947_844
+    assert len(unet.state_dict()) == 686
+    assert unet.conv_in.weight.shape == (320, 8, 3, 3) and unet.conv_out.weight.shape == (4, 320, 3, 3)
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # sd-vae-ft-mse
+    assert sum(p.numel() for p in whisper.parameters()) == 37_760_640  # whisper-tiny
+    # 79999_iter.pth is 53,289,463 bytes: fp32 tensors plus ~37 kB of zip/pickle overhead
+    floats = sum(t.numel() for k, t in bisenet.state_dict().items() if not k.endswith("num_batches_tracked"))
+    assert 0 < 53_289_463 - 4 * floats < 60_000
+
+
+# --------------------------------------------------------------------------------------------
+# File variants: legacy VAE names, safetensors VAE, whisper without "model." prefix
+
+
+def test_legacy_vae_keys_and_unprefixed_whisper_load_to_the_same_weights(tmp_path: Path, v15: MuseTalkModels) -> None:
+    write_random_weights(tmp_path, size="tiny", version="v15", seed=0, dwpose=False, legacy_vae_keys=True, whisper_prefix="")
+    vae_sd = _sd(tmp_path / "sd-vae/diffusion_pytorch_model.bin")
+    assert "encoder.mid_block.attentions.0.query.weight" in vae_sd
+    assert "decoder.mid_block.attentions.0.proj_attn.bias" in vae_sd
+    assert not any(".to_q." in k for k in vae_sd)
+    whisper_sd = _sd(tmp_path / "whisper/pytorch_model.bin")
+    assert "encoder.layers.0.fc1.weight" in whisper_sd and not any(k.startswith("model.") for k in whisper_sd)
+
+    m = _load(tmp_path)
+    ref_vae, ref_whisper = v15.vae.state_dict(), v15.whisper.state_dict()  # same seed, new names / prefix
+    got_vae, got_whisper = m.vae.state_dict(), m.whisper.state_dict()
+    assert got_vae.keys() == ref_vae.keys() and all(torch.equal(got_vae[k], ref_vae[k]) for k in ref_vae)
+    assert got_whisper.keys() == ref_whisper.keys()
+    assert all(torch.equal(got_whisper[k], ref_whisper[k]) for k in ref_whisper)
+
+
+def test_legacy_vae_conv_attention_weights_are_squeezed() -> None:
+    w = torch.randn(8, 8, 1, 1)
+    out = convert_legacy_vae_keys({"encoder.mid_block.attentions.0.key.weight": w, "encoder.conv_in.weight": w})
+    assert torch.equal(out["encoder.mid_block.attentions.0.to_k.weight"], w[:, :, 0, 0])
+    assert out["encoder.conv_in.weight"] is w
+
+
+def test_vae_safetensors_is_accepted(models_copy: Path, v15: MuseTalkModels) -> None:
+    from safetensors.torch import save_file
+
+    folder = models_copy / "sd-vae"
+    save_file(v15.vae.state_dict(), str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "diffusion_pytorch_model.bin").unlink()
+    m = _load(models_copy)
+    assert m.sources["vae"].path.name == "diffusion_pytorch_model.safetensors"
+    assert torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# BiSeNet: the official key names
+
+
+# Names as in zllrunning/face-parsing.PyTorch (model.py: BiSeNet/ContextPath/FeatureFusionModule/
+# BiSeNetOutput/AttentionRefinementModule/ConvBNReLU; resnet.py: Resnet18/BasicBlock) with the
+# official 79999_iter.pth shapes.
+OFFICIAL_BISENET_SHAPES = {
+    "cp.resnet.conv1.weight": (64, 3, 7, 7),
+    "cp.resnet.bn1.running_var": (64,),
+    "cp.resnet.layer1.0.conv1.weight": (64, 64, 3, 3),
+    "cp.resnet.layer1.1.bn2.weight": (64,),
+    "cp.resnet.layer2.0.conv1.weight": (128, 64, 3, 3),
+    "cp.resnet.layer2.0.downsample.0.weight": (128, 64, 1, 1),
+    "cp.resnet.layer2.0.downsample.1.running_mean": (128,),
+    "cp.resnet.layer3.1.conv2.weight": (256, 256, 3, 3),
+    "cp.resnet.layer4.0.downsample.0.weight": (512, 256, 1, 1),
+    "cp.resnet.layer4.1.bn2.bias": (512,),
+    "cp.arm16.conv.conv.weight": (128, 256, 3, 3),
+    "cp.arm16.conv.bn.weight": (128,),
+    "cp.arm16.conv_atten.weight": (128, 128, 1, 1),
+    "cp.arm16.bn_atten.running_var": (128,),
+    "cp.arm32.conv.conv.weight": (128, 512, 3, 3),
+    "cp.conv_head32.conv.weight": (128, 128, 3, 3),
+    "cp.conv_head16.bn.bias": (128,),
+    "cp.conv_avg.conv.weight": (128, 512, 1, 1),
+    "ffm.convblk.conv.weight": (256, 256, 1, 1),
+    "ffm.convblk.bn.running_mean": (256,),
+    "ffm.conv1.weight": (64, 256, 1, 1),
+    "ffm.conv2.weight": (256, 64, 1, 1),
+    "conv_out.conv.conv.weight": (256, 256, 3, 3),
+    "conv_out.conv_out.weight": (19, 256, 1, 1),
+    "conv_out16.conv.conv.weight": (64, 128, 3, 3),
+    "conv_out16.conv_out.weight": (19, 64, 1, 1),
+    "conv_out32.conv.bn.weight": (64,),
+    "conv_out32.conv_out.weight": (19, 64, 1, 1),
+}
+
+
+def official_bisenet_keys(with_counters: bool = True) -> list[str]:
+    """Every key of the official checkpoint, enumerated from the public module structure."""
+    bn = ["weight", "bias", "running_mean", "running_var"] + (["num_batches_tracked"] if with_counters else [])
+
+    def cbr(prefix: str) -> list[str]:  # ConvBNReLU
+        return [f"{prefix}.conv.weight"] + [f"{prefix}.bn.{s}" for s in bn]
+
+    keys = ["cp.resnet.conv1.weight"] + [f"cp.resnet.bn1.{s}" for s in bn]
+    for layer in (1, 2, 3, 4):
+        for block in (0, 1):
+            p = f"cp.resnet.layer{layer}.{block}"
+            keys += [f"{p}.conv1.weight", *(f"{p}.bn1.{s}" for s in bn), f"{p}.conv2.weight", *(f"{p}.bn2.{s}" for s in bn)]
+            if block == 0 and layer > 1:
+                keys += [f"{p}.downsample.0.weight", *(f"{p}.downsample.1.{s}" for s in bn)]
+    for arm in ("cp.arm16", "cp.arm32"):
+        keys += cbr(f"{arm}.conv") + [f"{arm}.conv_atten.weight"] + [f"{arm}.bn_atten.{s}" for s in bn]
+    for name in ("cp.conv_head32", "cp.conv_head16", "cp.conv_avg"):
+        keys += cbr(name)
+    keys += cbr("ffm.convblk") + ["ffm.conv1.weight", "ffm.conv2.weight"]
+    for head in ("conv_out", "conv_out16", "conv_out32"):
+        keys += cbr(f"{head}.conv") + [f"{head}.conv_out.weight"]
+    return keys
+
+
+def test_bisenet_has_exactly_the_official_keys_and_shapes() -> None:
+    with torch.device("meta"):
+        sd = BiSeNet(19, 64).state_dict()
+    assert sorted(sd) == sorted(official_bisenet_keys())
+    for key, shape in OFFICIAL_BISENET_SHAPES.items():
+        assert tuple(sd[key].shape) == shape, key
+
+
+@pytest.mark.parametrize("with_counters", [True, False], ids=["with-num_batches_tracked", "without"])
+def test_official_named_bisenet_checkpoint_loads_strictly(models_copy: Path, with_counters: bool) -> None:
+    """A full-width state dict built only from the official names (shapes from the public model)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in BiSeNet(19, 64).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for key in official_bisenet_keys(with_counters):
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(79999)
+        elif key.endswith("running_var"):
+            sd[key] = torch.rand(shapes[key], generator=g) + 0.5
+        else:
+            sd[key] = torch.randn(shapes[key], generator=g) * 0.05
+    torch.save(sd, models_copy / layout.BISENET)
+    m = _load(models_copy)
+    assert m.bisenet.width == 64
+    got = m.bisenet.state_dict()
+    for key in OFFICIAL_BISENET_SHAPES:
+        assert torch.equal(got[key], sd[key]), key
+    with torch.inference_mode():
+        out = m.bisenet(torch.randn(1, 3, 64, 64, generator=g))
+    assert out.shape == (1, 19, 64, 64) and torch.isfinite(out).all()
+
+
+def test_bisenet_main_head_is_bilinear_align_corners_of_the_fused_features(v15: MuseTalkModels) -> None:
+    import torch.nn.functional as F
+
+    net = v15.bisenet
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        f8, f16, f32 = net.cp.resnet(x)
+        assert f8.shape[2:] == (12, 12) and f16.shape[2:] == (6, 6) and f32.shape[2:] == (3, 3)
+        f8_again, fcp8 = net.cp(x)
+        logits = net.conv_out(net.ffm(f8_again, fcp8))
+        expected = F.interpolate(logits, size=(96, 96), mode="bilinear", align_corners=True)
+        assert torch.allclose(net(x), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Broken files → ModelsError naming the file
+
+
+def _expect_models_error(models_dir: Path, needle: str, version: str = "v15") -> ModelsError:
+    with pytest.raises(ModelsError) as err:
+        _load(models_dir, version)
+    exc = err.value
+    assert exc.exit_code == EXIT_MODELS == 5
+    assert needle in exc.message, exc.message
+    assert f"download-weights --models-dir {models_dir}" in exc.message
+    assert exc.one_line().startswith("error[5]: ")
+    return exc
+
+
+def test_missing_unet_names_the_file(models_copy: Path) -> None:
+    (models_copy / "musetalkV15/unet.pth").unlink()
+    exc = _expect_models_error(models_copy, str(models_copy / "musetalkV15/unet.pth"))
+    assert "missing" in exc.message
+
+
+def test_truncated_unet_names_the_file(models_copy: Path) -> None:
+    path = models_copy / "musetalkV15/unet.pth"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    exc = _expect_models_error(models_copy, str(path))
+    assert "corrupt" in exc.message
+
+
+def test_garbage_bisenet_and_bad_json(models_copy: Path) -> None:
+    (models_copy / layout.BISENET).write_bytes(b"\x00not a checkpoint" * 100)
+    _expect_models_error(models_copy, str(models_copy / layout.BISENET))
+    cfg = models_copy / "musetalkV15/musetalk.json"
+    cfg.write_text("{ not json")
+    _expect_models_error(models_copy, str(cfg))
+
+
+def test_pickled_code_is_refused(models_copy: Path) -> None:
+    """weights_only: a checkpoint carrying an arbitrary object is refused, never executed."""
+    path = models_copy / layout.BISENET
+    torch.save({"x": torch.zeros(1), "evil": zipfile.ZipFile}, path)
+    _expect_models_error(models_copy, str(path))
+
+
+def test_mismatched_weights_name_the_file_and_the_keys(models_copy: Path) -> None:
+    # the v1 config says 2 levels; give it a UNet whose conv_in has other shapes
+    path = models_copy / "musetalk/pytorch_model.bin"
+    sd = _sd(path)
+    sd["conv_in.weight"] = torch.zeros(32, 4, 3, 3)
+    del sd["conv_out.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, path)
+    exc = _expect_models_error(models_copy, str(path), "v1")
+    assert "conv_out.bias" in exc.message and "extra.weight" in exc.message and "conv_in.weight" in exc.message
+
+
+def test_whisper_problems_name_the_file(models_copy: Path) -> None:
+    folder = models_copy / "whisper"
+    pre = folder / "preprocessor_config.json"
+    pre_text = pre.read_text()
+    pre.unlink()
+    _expect_models_error(models_copy, str(pre))
+    pre.write_text(pre_text)
+    weights = folder / "pytorch_model.bin"
+    sd = _sd(weights)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("model.encoder.")}, weights)
+    exc = _expect_models_error(models_copy, str(weights))
+    assert "encoder" in exc.message
+    (models_copy / "sd-vae/diffusion_pytorch_model.bin").unlink()
+    _expect_models_error(models_copy, "diffusion_pytorch_model")
+
+
+# --------------------------------------------------------------------------------------------
+# Fast copies (written by convert-weights)
+
+
+def _write_fast(models_dir: Path, key: str, module: torch.nn.Module) -> Path:
+    from safetensors.torch import save_file
+
+    path = models_dir / layout.FAST[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    save_file(sd, str(path))
+    return path
+
+
+def test_fast_copies_are_preferred(models_copy: Path, v15: MuseTalkModels) -> None:
+    for key, module in (("unet-v15", v15.unet), ("vae", v15.vae), ("whisper-encoder", v15.whisper), ("bisenet", v15.bisenet)):
+        _write_fast(models_copy, key, module)
+    m = _load(models_copy)
+    assert all(m.sources[n].fast for n in ("unet", "vae", "whisper", "bisenet")), m.sources
+    assert m.unet.conv_in.weight.dtype == torch.float32  # cast to the requested dtype
+    assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight.half().float())
+    assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight.half().float())
+
+
+def test_stale_or_broken_fast_copies_fall_back(models_copy: Path, v15: MuseTalkModels, caplog) -> None:
+    unet_fast = _write_fast(models_copy, "unet-v15", v15.unet)
+    original = models_copy / "musetalkV15/unet.pth"
+    now = time.time()
+    os.utime(unet_fast, (now - 100, now - 100))
+    os.utime(original, (now, now))  # original replaced after the conversion → fast copy is stale
+    bise_fast = _write_fast(models_copy, "bisenet", v15.bisenet)
+    bise_fast.write_bytes(bise_fast.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING"):
+        m = _load(models_copy)
+    assert not m.sources["unet"].fast and not m.sources["bisenet"].fast
+    assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight)
+    assert "older than" in caplog.text and str(bise_fast) in caplog.text
