@@ -551,8 +551,8 @@ class VideoWriter:
         else:
             self.encoder = "ffv1"
             stream = self._container.add_stream("ffv1", rate=self.rate)
-            stream.pix_fmt = "gbrp"
-            self._pix_fmt = "gbrp"
+            stream.pix_fmt = "bgr0"  # ffv1's 8-bit RGB input; coded losslessly as RGB
+            self._pix_fmt = "bgr0"
         stream.width = self.width + self._pad_w
         stream.height = self.height + self._pad_h
         stream.codec_context.thread_count = 0
@@ -686,8 +686,8 @@ class VideoWriter:
             # `-vf format=yuv420p` does to the official RGB PNGs.
             frame = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG",
                                    interpolation="BICUBIC")
-        elif self._pix_fmt == "gbrp":
-            frame = frame.reformat(format="gbrp")
+        elif self._pix_fmt == "bgr0":
+            frame = frame.reformat(format="bgr0")
         return frame
 
     def _encode_video(self, rgb: np.ndarray) -> None:

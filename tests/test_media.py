@@ -1,0 +1,300 @@
+"""media: probe / read_frames / load_audio / VideoWriter on real files made by ffmpeg and espeak-ng.
+
+Expectations come from independent tools: the ffmpeg CLI (decode, autorotate, ``fps``
+filter), ffprobe (what the writer produced), the ``wave`` module (sample counts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musetalk_job import media
+from musetalk_job.errors import EngineRuntimeError, InputMediaError
+
+FFMPEG = shutil.which("ffmpeg")
+FFPROBE = shutil.which("ffprobe")
+ESPEAK = shutil.which("espeak-ng")
+pytestmark = pytest.mark.skipif(FFMPEG is None or FFPROBE is None, reason="ffmpeg/ffprobe are required")
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
+
+
+def _ffmpeg_rgb(path: Path, width: int, height: int, *extra: str) -> np.ndarray:
+    """Frames as the ffmpeg CLI decodes them (autorotate on), rgb24."""
+    out = subprocess.run([FFMPEG, "-loglevel", "error", "-i", str(path), *extra, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(out, np.uint8).reshape(-1, height, width, 3)
+
+
+def _ffprobe(path: Path) -> dict:
+    out = subprocess.run([FFPROBE, "-v", "error", "-print_format", "json", "-show_streams", "-show_format", str(path)],
+                         capture_output=True, check=True, text=True).stdout
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("media")
+    c = {name: root / f"{name}.mp4" for name in ("cfr", "rotated", "vfr")}
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-frames:v", "25", "-pix_fmt", "yuv420p",
+            "-c:v", "libx264", str(c["cfr"]))
+    # Same stream, display matrix says "rotate 90": the CLI autorotates it to 120x160.
+    _ffmpeg("-i", str(c["cfr"]), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(c["rotated"]))
+    # 30 frames at 25 fps with a 0.12 s gap after frame 15: average 250/11 = 22.73 fps.
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=25", "-frames:v", "30",
+            "-vf", "setpts='PTS+gte(N,15)*0.12/TB'", "-fps_mode", "vfr", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+            str(c["vfr"]))
+    c["png"] = root / "still.png"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=161x97:rate=1", "-frames:v", "1", str(c["png"]))
+    c["noext"] = root / "still_without_extension"
+    shutil.copy(c["png"], c["noext"])
+    c["garbage"] = root / "garbage.mp4"
+    c["garbage"].write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    c["empty"] = root / "empty.wav"
+    c["empty"].write_bytes(b"")
+    c["text_png"] = root / "notes.png"
+    c["text_png"].write_text("this is not an image\n")
+    return c
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> dict[str, Path]:
+    if ESPEAK is None:
+        pytest.skip("espeak-ng is required")
+    from musetalk_job.samples import make_speech
+
+    root = tmp_path_factory.mktemp("speech")
+    s = {"wav": make_speech(root / "speech.wav", text="Testing one two three.")}
+    for ext in ("mp3", "m4a", "flac", "ogg"):
+        s[ext] = root / f"speech.{ext}"
+        _ffmpeg("-i", str(s["wav"]), str(s[ext]))
+    s["stereo44k"] = root / "stereo44k.wav"
+    _ffmpeg("-i", str(s["wav"]), "-ac", "2", "-ar", "44100", str(s["stereo44k"]))
+    s["video"] = root / "talking.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-i", str(s["wav"]), "-t", "1", "-pix_fmt", "yuv420p",
+            "-c:v", "libx264", "-c:a", "aac", str(s["video"]))
+    return s
+
+
+# --- probe ---------------------------------------------------------------------------------
+
+
+def test_probe_video_image_audio(clips, speech):
+    info = media.probe(clips["cfr"])
+    assert (info.kind, info.width, info.height, info.fps, info.n_frames) == ("video", 160, 120, 25.0, 25)
+    assert info.has_video and not info.has_audio and info.duration_s == pytest.approx(1.0, abs=0.01)
+    rot = media.probe(clips["rotated"])
+    assert (rot.width, rot.height, rot.rotation) == (120, 160, 90)
+    img = media.probe(clips["png"])
+    assert (img.kind, img.width, img.height, img.n_frames, img.has_video) == ("image", 161, 97, 1, True)
+    assert media.probe(clips["noext"]).kind == "image"  # recognised by content
+    audio = media.probe(speech["wav"])
+    with wave.open(str(speech["wav"])) as w:
+        seconds = w.getnframes() / w.getframerate()
+    assert audio.kind == "audio" and audio.has_audio and not audio.has_video
+    assert audio.audio_duration_s == pytest.approx(seconds, abs=1e-3)
+    talking = media.probe(speech["video"])
+    assert talking.kind == "video" and talking.has_audio and talking.audio_duration_s == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("name, words", [("garbage", "not a readable media file"), ("empty", "empty"),
+                                         ("text_png", "not a readable image")])
+def test_bad_files_raise_input_media_error(clips, name, words):
+    for fn in (media.probe, media.read_frames):
+        with pytest.raises(InputMediaError) as err:
+            fn(clips[name])
+        assert clips[name].name in err.value.message and words in err.value.message
+        assert err.value.exit_code == 3
+    with pytest.raises(InputMediaError, match="not found"):
+        media.probe(clips["cfr"].with_name("missing.mp4"))
+
+
+# --- frames --------------------------------------------------------------------------------
+
+
+def test_read_frames_cfr_equals_ffmpeg(clips):
+    got = media.read_frames(clips["cfr"])
+    assert got.frames.shape == (25, 120, 160, 3) and got.frames.dtype == np.uint8
+    assert got.fps == 25.0 and got.rate == 25
+    np.testing.assert_array_equal(got.frames, _ffmpeg_rgb(clips["cfr"], 160, 120))
+
+
+def test_read_frames_honours_rotation(clips):
+    plain = media.read_frames(clips["cfr"]).frames
+    rotated = media.read_frames(clips["rotated"]).frames
+    assert rotated.shape == (25, 160, 120, 3)
+    np.testing.assert_array_equal(rotated, _ffmpeg_rgb(clips["rotated"], 120, 160))  # CLI autorotates
+    np.testing.assert_array_equal(rotated, np.rot90(plain, 1, axes=(1, 2)))
+
+
+def test_read_frames_vfr_resampled_like_ffmpeg_fps_filter(clips):
+    got = media.read_frames(clips["vfr"])
+    assert got.rate == Fraction(250, 11) and got.fps == pytest.approx(22.7272727)
+    ref = _ffmpeg_rgb(clips["vfr"], 160, 120, "-vf", "fps=fps=250/11")
+    assert got.frames.shape == ref.shape == (30, 120, 160, 3)
+    np.testing.assert_array_equal(got.frames, ref)
+    # It really resampled: one input frame is dropped and one repeated around the gap.
+    raw = _ffmpeg_rgb(clips["vfr"], 160, 120, "-fps_mode", "passthrough")
+    assert not np.array_equal(got.frames, raw)
+    assert np.array_equal(got.frames[14], got.frames[15])
+
+
+def test_cfr_indices_rule():
+    # 25 fps timestamps with a gap and a burst: gap slots repeat, a crowded slot keeps the last.
+    times = np.array([0.0, 0.04, 0.08, 0.20, 0.21, 0.24])
+    assert media.cfr_indices(times, 25).tolist() == [0, 1, 2, 2, 2, 4, 5]
+    assert media.cfr_indices(np.arange(10) / 25.0, 25).tolist() == list(range(10))
+
+
+def test_read_frames_image(clips):
+    from PIL import Image
+
+    got = media.read_frames(clips["png"], image_fps=30.0)
+    assert got.frames.shape == (1, 97, 161, 3) and got.fps == 30.0
+    np.testing.assert_array_equal(got.frames[0], np.asarray(Image.open(clips["png"]).convert("RGB")))
+    assert media.read_frames(clips["noext"]).frames.shape == (1, 97, 161, 3)
+
+
+# --- audio ---------------------------------------------------------------------------------
+
+
+def _wav_samples(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as w:
+        data = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, w.getnchannels())
+        return data.astype(np.float32) / 32768.0, w.getframerate()
+
+
+def test_load_audio_length_rule_and_formats(speech):
+    pcm, rate = _wav_samples(speech["wav"])
+    assert rate == 22050  # espeak-ng's native rate, so every format is resampled
+    ref = media.load_audio(speech["wav"])
+    assert ref.dtype == np.float32 and ref.ndim == 1
+    assert len(ref) == math.ceil(len(pcm) * 16000 / 22050)  # librosa's fix_length rule
+    assert np.abs(ref).max() > 0.05
+    # Same decoded PCM -> same output, bit for bit.
+    np.testing.assert_array_equal(media.load_audio(speech["flac"]), ref)
+    # At the native rate nothing is resampled: the samples are exactly the PCM values.
+    np.testing.assert_array_equal(media.load_audio(speech["wav"], sr=22050), pcm[:, 0])
+    for ext in ("mp3", "m4a", "ogg"):
+        got = media.load_audio(speech[ext])
+        assert abs(len(got) - len(ref)) < 0.06 * 16000, ext  # codec padding only
+        n = min(len(got), len(ref))
+        # Lossy codecs may shift by their priming delay: best correlation within +-50 ms.
+        best = max(np.corrcoef(got[max(0, -lag):n - max(0, lag)], ref[max(0, lag):n - max(0, -lag)])[0, 1]
+                   for lag in range(-800, 801, 8))
+        assert best > 0.9, (ext, best)
+
+
+def test_load_audio_stereo_is_channel_mean(speech, tmp_path):
+    left = (np.sin(np.arange(16000) * 0.05) * 12000).astype(np.int16)
+    stereo = np.stack([left, np.zeros_like(left)], axis=1)
+    path = tmp_path / "st.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(stereo.tobytes())
+    np.testing.assert_array_equal(media.load_audio(path), left.astype(np.float32) / 32768.0 / 2)
+    got = media.load_audio(speech["stereo44k"])
+    pcm, _ = _wav_samples(speech["stereo44k"])
+    assert len(got) == math.ceil(len(pcm) * 16000 / 44100)
+
+
+def test_load_audio_from_video_and_errors(speech, clips):
+    got = media.load_audio(speech["video"])
+    assert len(got) == pytest.approx(16000, abs=0.03 * 16000) and np.abs(got).max() > 0.05
+    with pytest.raises(InputMediaError, match="no audio stream") as err:
+        media.load_audio(clips["cfr"])
+    assert "cfr.mp4" in err.value.message
+    with pytest.raises(InputMediaError):
+        media.load_audio(clips["garbage"])
+
+
+# --- writer --------------------------------------------------------------------------------
+
+
+def _smooth_frames(n: int, width: int, height: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = [np.stack([(xx * 255 // width + 3 * i) % 256, yy * 255 // height,
+                        np.full_like(xx, 40 + i)], axis=-1) for i in range(n)]
+    return np.asarray(frames, dtype=np.uint8)
+
+
+def test_writer_h264_aac_ntsc_odd_size(speech, tmp_path):
+    out = tmp_path / "out.mp4"
+    frames = _smooth_frames(30, 161, 121)
+    with media.VideoWriter(out, width=161, height=121, fps=30000 / 1001, audio_path=speech["wav"]) as writer:
+        writer.write(frames[:7])
+        writer.write(frames[7])  # a single [H, W, 3] frame
+        writer.write(frames[8:])
+    probe = _ffprobe(out)
+    video = next(s for s in probe["streams"] if s["codec_type"] == "video")
+    audio = next(s for s in probe["streams"] if s["codec_type"] == "audio")
+    assert video["codec_name"] == "h264" and video["pix_fmt"] == "yuv420p"
+    assert (video["width"], video["height"]) == (162, 122)  # padded by one pixel to even
+    assert video["r_frame_rate"] == "30000/1001" and int(video["nb_frames"]) == 30
+    assert float(video["duration"]) == pytest.approx(30 * 1001 / 30000, abs=1e-3)
+    assert audio["codec_name"] == "aac"
+    # Audio longer than the video is cut one frame after the video's end.
+    assert float(audio["duration"]) <= 31 * 1001 / 30000 + 0.03
+    assert float(audio["duration"]) >= 30 * 1001 / 30000
+    decoded = _ffmpeg_rgb(out, 162, 122)
+    assert decoded.shape[0] == 30
+    err = np.abs(decoded[:, :121, :161].astype(int) - frames.astype(int))
+    assert err.mean() < 2.0  # crf 18 on smooth content
+    assert np.abs(decoded[:, :121, 161].astype(int) - frames[:, :, 160].astype(int)).mean() < 3.0  # edge copy
+    data = out.read_bytes()
+    assert 0 < data.find(b"moov") < data.find(b"mdat")  # +faststart: the index precedes the media data
+    assert media.probe(out).fps == pytest.approx(29.97002997)
+
+
+@pytest.mark.parametrize("codec, suffix", [("ffv1", ".mkv"), ("h264-lossless", ".mp4")])
+def test_writer_lossless_round_trip(tmp_path, codec, suffix):
+    frames = np.random.default_rng(1).integers(0, 256, (5, 37, 53, 3), dtype=np.uint8)
+    out = tmp_path / f"lossless{suffix}"
+    with media.VideoWriter(out, width=53, height=37, fps=25, codec=codec) as writer:
+        writer.write(frames)
+    back = media.read_frames(out)
+    assert back.fps == 25.0
+    np.testing.assert_array_equal(back.frames, frames)
+
+
+def test_writer_abort_and_errors(tmp_path, clips):
+    out = tmp_path / "partial.mp4"
+    writer = media.VideoWriter(out, width=64, height=48, fps=25)
+    writer.write(_smooth_frames(40, 64, 48))
+    writer.abort()
+    assert not out.exists()
+    with pytest.raises(RuntimeError):
+        with media.VideoWriter(out, width=64, height=48, fps=25) as writer:
+            writer.write(_smooth_frames(3, 64, 48))
+            raise RuntimeError("caller failed")
+    assert not out.exists()
+    with media.VideoWriter(out, width=64, height=48, fps=25) as writer:
+        with pytest.raises(EngineRuntimeError, match="uint8"):
+            writer.write(np.zeros((2, 48, 63, 3), np.uint8))
+        writer.write(_smooth_frames(2, 64, 48))
+    assert media.probe(out).n_frames == 2
+    with pytest.raises(InputMediaError, match="no audio stream"):
+        media.VideoWriter(tmp_path / "noaudio.mp4", width=64, height=48, fps=25, audio_path=clips["cfr"])
+    assert not (tmp_path / "noaudio.mp4").exists()
+    empty = media.VideoWriter(tmp_path / "empty.mp4", width=64, height=48, fps=25)
+    with pytest.raises(EngineRuntimeError, match="no frames"):
+        empty.close()
+    assert not (tmp_path / "empty.mp4").exists()
+
+
+def test_encoders_available():
+    found = media.encoders_available()
+    assert set(found) == {"libx264", "h264_nvenc", "libx264rgb", "ffv1", "aac"}
+    assert found["libx264"] and found["aac"] and found["ffv1"]
+    assert all(isinstance(v, bool) for v in found.values())
