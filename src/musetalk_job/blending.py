@@ -1,0 +1,332 @@
+"""The official MuseTalk v1.5 blend, split into a once-per-input-frame mask and a GPU composite.
+
+Contract
+--------
+- ``apply_extra_margin(box, margin, frame_h)``: v1.5 ``y2 += margin``, clamped to the frame.
+- ``crop_box(box) -> (x1, y1, x2, y2, s)``: the official 1.5x square crop around a box
+  (centre ``((x+x1)//2, (y+y1)//2)``, half-size ``s = int(max(w, h)//2 * 1.5)``).
+- ``blur_kernel(s)``: the offline Gaussian kernel ``int(0.05 * 2s // 2 * 2) + 1``.
+- ``parsing_mask(classes, mode, left_cheek_width, right_cheek_width)``: the face-parsing
+  classes (512x512, CelebAMask-HQ ids) turned into a 0/255 mask, modes ``raw``/``neck``/``jaw``.
+- ``prepare_masks(frames, boxes, bisenet, ...) -> list[BlendMask | None]``: the final
+  blurred alpha of every input frame, restricted to its face box. Computed once per
+  distinct input frame (the official code recomputes it for every output frame).
+- ``composite(frames, faces, masks)``: the generated 256x256 faces resized to their boxes
+  and alpha-blended into the frames with PIL's exact rounding, on the tensors' device.
+
+Why only the box region of the mask is kept: officially the whole 2s x 2s crop is pasted
+back with the blurred mask, and the blur spreads the mask a few pixels beyond the face
+box. But outside the box the pasted crop *is* the original frame, and PIL's blend of a
+pixel with itself returns that pixel for every alpha (checked in the tests), so only the
+alpha inside the box changes anything.
+
+Parity with the official code (§6, §14 of the pipeline report): crop, BiSeNet input
+(PIL BILINEAR resize), the mask morphology, the bicubic resize back, the uint8
+``cv2.GaussianBlur`` and the alpha rounding are the same operations, so the mask and the
+blend are bit-exact given the same parsing classes. The face resize back to the box uses
+float bilinear + rounding on the device, where OpenCV uses 11-bit fixed point: about 1 in
+8 pixels of the resized face differs by one level before blending.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Box = tuple[int, int, int, int]
+ParsingMode = Literal["jaw", "raw", "neck"]
+
+EXPAND = 1.5  # official crop expansion around the face box
+UPPER_BOUNDARY_RATIO = 0.5  # rows of the crop above this fraction get no face
+PARSING_SIZE = 512
+
+# CelebAMask-HQ class ids produced by the BiSeNet face parser.
+SKIN, NOSE, MOUTH, UPPER_LIP, LOWER_LIP, NECK = 1, 10, 11, 12, 13, 14
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class BlendMask:
+    """The blurred blend alpha of one input frame inside its face box.
+
+    ``box`` is the face box after ``extra_margin`` (frame pixels, may reach past the frame
+    edge like the official box); ``alpha`` is uint8 ``[y2 - y1, x2 - x1]``.
+    """
+
+    box: Box
+    alpha: np.ndarray
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to(self, device: torch.device | str) -> torch.Tensor:
+        """``alpha`` as a uint8 tensor on ``device``, uploaded once and cached."""
+        key = str(torch.device(device))
+        cached = self._on_device.get(key)
+        if cached is None:
+            host = torch.from_numpy(np.ascontiguousarray(self.alpha))
+            if torch.device(device).type == "cuda":
+                host = host.pin_memory()
+                cached = host.to(device, non_blocking=True)
+            else:
+                cached = host.to(device)
+            self._on_device[key] = cached
+        return cached
+
+
+# ---------------------------------------------------------------------------------------
+# Geometry
+
+
+def apply_extra_margin(box: Optional[Sequence[int]], margin: int, frame_h: int) -> Optional[Box]:
+    """v1.5's ``extra_margin``: extend the box ``margin`` px down, not past the frame bottom."""
+    if box is None:
+        return None
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return (x1, y1, x2, min(y2 + int(margin), int(frame_h)))
+
+
+def crop_box(box: Sequence[int]) -> tuple[int, int, int, int, int]:
+    """The official square crop around ``box``: ``(x1, y1, x2, y2, s)`` with side ``2s``."""
+    x, y, x1, y1 = (int(v) for v in box)
+    cx, cy = (x + x1) // 2, (y + y1) // 2
+    s = int(max(x1 - x, y1 - y) // 2 * EXPAND)
+    return cx - s, cy - s, cx + s, cy + s, s
+
+
+def blur_kernel(s: int) -> int:
+    """Gaussian kernel size of the offline blend for a crop of side ``2s`` (always odd)."""
+    return int(0.05 * (2 * s) // 2 * 2) + 1
+
+
+def _crop_zero_padded(frame: np.ndarray, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    """``frame[y1:y2, x1:x2]`` with zeros where the window leaves the frame (PIL ``crop``)."""
+    h, w = frame.shape[:2]
+    out = np.zeros((y2 - y1, x2 - x1, frame.shape[2]), dtype=frame.dtype)
+    sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+    if sx2 > sx1 and sy2 > sy1:
+        out[sy1 - y1 : sy2 - y1, sx1 - x1 : sx2 - x1] = frame[sy1:sy2, sx1:sx2]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing mask
+
+
+def _jaw_kernel() -> np.ndarray:
+    """33x33 dilation kernel: a cone widening downwards (rows 10..20, widths 1..21), then a
+    21-wide tail (rows 21..32), centred on column 16."""
+    cone, tail = 21, 12
+    size = cone + tail
+    kernel = np.zeros((size, size), dtype=np.uint8)
+    centre = size // 2
+    for row in range(cone // 2, cone):
+        half = row - cone // 2
+        kernel[row, centre - half : centre + half + 1] = 1
+    base = int(kernel[cone - 1].sum())
+    kernel[cone:, max(0, centre - base // 2) : min(size, centre + base // 2 + 1)] = 1
+    return kernel
+
+
+_JAW_KERNEL = _jaw_kernel()
+_CHEEK_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
+
+
+def _cheek_mask(left_cheek_width: int, right_cheek_width: int) -> np.ndarray:
+    """255 on the outer columns ``[0, 256 - left]`` and ``[256 + right, 511]`` (inclusive)."""
+    mask = np.zeros((PARSING_SIZE, PARSING_SIZE), dtype=np.uint8)
+    centre = PARSING_SIZE // 2
+    cv2.rectangle(mask, (0, 0), (centre - int(left_cheek_width), PARSING_SIZE), 255, -1)
+    cv2.rectangle(mask, (centre + int(right_cheek_width), 0), (PARSING_SIZE, PARSING_SIZE), 255, -1)
+    return mask
+
+
+def parsing_mask(
+    classes: np.ndarray, mode: ParsingMode = "jaw", left_cheek_width: int = 90, right_cheek_width: int = 90
+) -> np.ndarray:
+    """The official 0/255 blend region from a 512x512 map of parsing classes.
+
+    ``raw``: skin and mouth/lips. ``neck``: plus the neck. ``jaw`` (v1.5): the skin dilated
+    downwards (so the generated jaw may extend below the old one), eroded again at the cheeks
+    (outside the centre band of ``left``/``right`` px), the nose left out, lips always in.
+    """
+    classes = np.asarray(classes)
+    if classes.ndim != 2:
+        raise ValueError(f"parsing classes must be a 2-D map, got shape {classes.shape}")
+    lips = np.isin(classes, (MOUTH, UPPER_LIP, LOWER_LIP))
+    if mode == "raw":
+        keep = lips | (classes == SKIN)
+    elif mode == "neck":
+        keep = lips | np.isin(classes, (SKIN, NECK))
+    elif mode == "jaw":
+        skin = (classes == SKIN).astype(np.uint8) * 255
+        dilated = cv2.dilate(skin, _JAW_KERNEL, iterations=1)
+        eroded = cv2.erode(dilated, _CHEEK_KERNEL, iterations=2)
+        cheeks = _cheek_mask(left_cheek_width, right_cheek_width)
+        region = cv2.bitwise_or(cv2.bitwise_and(eroded, cheeks), cv2.bitwise_and(dilated, cv2.bitwise_not(cheeks)))
+        keep = ((region == 255) & (classes != NOSE)) | lips
+    else:
+        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
+    return keep.astype(np.uint8) * 255
+
+
+# ---------------------------------------------------------------------------------------
+# Masks, once per input frame
+
+
+def _parser_input(frame: np.ndarray, box: Box) -> np.ndarray:
+    """The BiSeNet input for one frame: the zero-padded 2s crop resized to 512x512 (PIL BILINEAR)."""
+    from PIL import Image
+
+    x1, y1, x2, y2, _ = crop_box(box)
+    crop = _crop_zero_padded(frame, x1, y1, x2, y2)
+    return np.asarray(Image.fromarray(crop).resize((PARSING_SIZE, PARSING_SIZE), Image.BILINEAR))
+
+
+def _finish_mask(classes: np.ndarray, box: Box, mode: ParsingMode, left: int, right: int) -> BlendMask:
+    """Parsing classes -> the blurred alpha inside ``box`` (the official ``get_image`` recipe)."""
+    from PIL import Image
+
+    bx1, by1, bx2, by2 = box
+    x1, y1, _, _, s = crop_box(box)
+    side = 2 * s
+    parsed = parsing_mask(classes, mode, left, right)
+    # PIL's default resample for an "L" image is bicubic (with antialiasing when shrinking).
+    resized = np.asarray(Image.fromarray(parsed).resize((side, side)))
+    mask = np.zeros((side, side), dtype=np.uint8)
+    # Keep the parsing only inside the box (PIL crop/paste clip to the crop square).
+    ix1, iy1 = max(bx1 - x1, 0), max(by1 - y1, 0)
+    ix2, iy2 = min(bx2 - x1, side), min(by2 - y1, side)
+    if ix2 > ix1 and iy2 > iy1:
+        mask[iy1:iy2, ix1:ix2] = resized[iy1:iy2, ix1:ix2]
+    mask[: int(side * UPPER_BOUNDARY_RATIO)] = 0  # no face above the box centre row
+    k = blur_kernel(s)
+    # uint8 blur on purpose: OpenCV's fixed-point result is what the official blend uses.
+    mask = cv2.GaussianBlur(mask, (k, k), 0)
+    alpha = np.zeros((by2 - by1, bx2 - bx1), dtype=np.uint8)
+    if ix2 > ix1 and iy2 > iy1:
+        alpha[iy1 - (by1 - y1) : iy2 - (by1 - y1), ix1 - (bx1 - x1) : ix2 - (bx1 - x1)] = mask[iy1:iy2, ix1:ix2]
+    return BlendMask(box=(int(bx1), int(by1), int(bx2), int(by2)), alpha=alpha)
+
+
+def _module_dtype(module: Any) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def prepare_masks(
+    frames: np.ndarray,
+    boxes: Sequence[Optional[Sequence[int]]],
+    bisenet: Any,
+    *,
+    mode: ParsingMode = "jaw",
+    left_cheek_width: int = 90,
+    right_cheek_width: int = 90,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+    workers: Optional[int] = None,
+) -> list[Optional[BlendMask]]:
+    """The blend mask of every frame (``None`` where the box is ``None`` or empty).
+
+    ``frames`` are RGB uint8 ``[N, H, W, 3]``; ``boxes`` are after ``extra_margin``;
+    ``bisenet`` maps ImageNet-normalised ``[B, 3, 512, 512]`` to logits ``[B, 19, 512, 512]``.
+    The crops/resizes and the mask post-processing run on a CPU thread pool (PIL and OpenCV
+    release the GIL); the parser runs in batches of ``batch_size`` on ``device``.
+    """
+    if len(boxes) != len(frames):
+        raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
+    if mode not in ("jaw", "raw", "neck"):
+        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
+    device = torch.device(device)
+    dtype = _module_dtype(bisenet)
+    todo: list[tuple[int, Box]] = []
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        b = tuple(int(v) for v in box)
+        if b[2] - b[0] <= 0 or b[3] - b[1] <= 0 or crop_box(b)[4] <= 0:
+            continue  # degenerate: the official code cannot blend it either
+        todo.append((i, b))  # type: ignore[arg-type]
+    result: list[Optional[BlendMask]] = [None] * len(boxes)
+    if not todo:
+        return result
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    batch_size = max(1, int(batch_size))
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
+            with torch.inference_mode():
+                x = torch.from_numpy(inputs).to(device).permute(0, 3, 1, 2)
+                # torchvision ToTensor + Normalize, in float32 as the official code does.
+                x = x.float().div(255).sub(mean).div(std)
+                logits = bisenet(x.to(dtype))
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            masks = pool.map(
+                lambda j: _finish_mask(classes[j], chunk[j][1], mode, left_cheek_width, right_cheek_width),
+                range(len(chunk)),
+            )
+            for (i, _), m in zip(chunk, masks):
+                result[i] = m
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Composite, once per output frame
+
+
+def resize_face(face: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """``[256, 256, 3]`` uint8 -> ``[height, width, 3]`` uint8, bilinear (cv2 INTER_LINEAR
+    geometry: half-pixel centres, no antialiasing), rounded to nearest."""
+    x = face.permute(2, 0, 1).unsqueeze(0).float()
+    y = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return y.squeeze(0).permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def blend_pil(src: torch.Tensor, dst: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """PIL's ``paste(src, mask=alpha)`` rounding on uint8 tensors: ``alpha`` [h, w] or [h, w, 1]."""
+    m = alpha.to(torch.int32)
+    if m.dim() == src.dim() - 1:
+        m = m.unsqueeze(-1)
+    t = src.to(torch.int32) * m + dst.to(torch.int32) * (255 - m) + 128
+    return ((t + (t >> 8)) >> 8).to(torch.uint8)
+
+
+def composite(frames: torch.Tensor, faces: torch.Tensor, masks: Sequence[Optional[BlendMask]]) -> torch.Tensor:
+    """Paste each generated face into its frame with its blend mask; returns new frames.
+
+    ``frames`` uint8 ``[B, H, W, 3]``, ``faces`` uint8 ``[B, 256, 256, 3]`` on the same
+    device; ``masks[b] is None`` leaves frame ``b`` unchanged. No host synchronisation.
+    """
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"composite: frames must be uint8 [B, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    if faces.dim() != 4 or faces.shape[0] != frames.shape[0] or faces.dtype != torch.uint8:
+        raise ValueError(f"composite: faces must be uint8 [B, h, w, 3] with B={frames.shape[0]}, "
+                         f"got {faces.dtype} {list(faces.shape)}")
+    if len(masks) != frames.shape[0]:
+        raise ValueError(f"composite: {frames.shape[0]} frames but {len(masks)} masks")
+    out = frames.clone()
+    height, width = frames.shape[1], frames.shape[2]
+    for b, mask in enumerate(masks):
+        if mask is None:
+            continue
+        x1, y1, x2, y2 = mask.box
+        # The part of the box inside the frame (the official paste clips the same way).
+        cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+        if cx2 <= cx1 or cy2 <= cy1:
+            continue
+        face = resize_face(faces[b], x2 - x1, y2 - y1)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        alpha = mask.to(frames.device)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        region = out[b, cy1:cy2, cx1:cx2]
+        region.copy_(blend_pil(face, region, alpha))
+    return out
