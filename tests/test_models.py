@@ -377,6 +377,16 @@ def test_garbage_bisenet_and_bad_json(models_copy: Path) -> None:
     _expect_models_error(models_copy, str(cfg))
 
 
+def test_legacy_non_zip_checkpoint_loads(models_copy: Path, v15: MuseTalkModels) -> None:
+    """Pre-1.6 torch files cannot be memory-mapped; they still load (weights_only)."""
+    path = models_copy / layout.BISENET
+    sd = _sd(path)
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    m = _load(models_copy)
+    assert torch.equal(m.bisenet.cp.resnet.conv1.weight, v15.bisenet.cp.resnet.conv1.weight)
+
+
 def test_pickled_code_is_refused(models_copy: Path) -> None:
     """weights_only: a checkpoint carrying an arbitrary object is refused, never executed."""
     path = models_copy / layout.BISENET
