@@ -23,6 +23,7 @@ from musetalk_job.blending import (
     parsing_mask,
     prepare_masks,
     resize_face,
+    upload_masks,
 )
 
 
@@ -280,7 +281,13 @@ def test_prepare_masks_with_bisenet_architecture():
         assert not m.alpha[: max(0, centre_row - blur_kernel(crop_box(box)[4]) // 2)].any()
 
 
-def test_mask_device_cache():
+def test_mask_device_cache_and_upload():
     m = BlendMask((0, 0, 4, 3), np.arange(12, dtype=np.uint8).reshape(3, 4))
     t = m.to("cpu")
     assert t is m.to(torch.device("cpu")) and t.dtype == torch.uint8 and t.tolist()[2] == [8, 9, 10, 11]
+    a = BlendMask((0, 0, 2, 2), np.array([[1, 2], [3, 4]], np.uint8))
+    b = BlendMask((5, 5, 8, 6), np.array([[7, 8, 9]], np.uint8))
+    upload_masks([a, None, b], "cpu")
+    assert a.to("cpu").tolist() == [[1, 2], [3, 4]] and b.to("cpu").tolist() == [[7, 8, 9]]
+    # one buffer holds both
+    assert a.to("cpu").untyped_storage().data_ptr() == b.to("cpu").untyped_storage().data_ptr()

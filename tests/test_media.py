@@ -284,6 +284,8 @@ def test_writer_abort_and_errors(tmp_path, clips):
             writer.write(np.zeros((2, 48, 63, 3), np.uint8))
         writer.write(_smooth_frames(2, 64, 48))
     assert media.probe(out).n_frames == 2
+    writer.abort()  # after a successful close: nothing to undo
+    assert out.exists()
     with pytest.raises(InputMediaError, match="no audio stream"):
         media.VideoWriter(tmp_path / "noaudio.mp4", width=64, height=48, fps=25, audio_path=clips["cfr"])
     assert not (tmp_path / "noaudio.mp4").exists()

@@ -66,18 +66,39 @@ class BlendMask:
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device: torch.device | str) -> torch.Tensor:
-        """``alpha`` as a uint8 tensor on ``device``, uploaded once and cached."""
-        key = str(torch.device(device))
+        """``alpha`` as a uint8 tensor on ``device``, uploaded once and cached
+        (``upload_masks`` uploads many at once without a per-mask synchronisation)."""
+        key = _device_key(device)
         cached = self._on_device.get(key)
         if cached is None:
-            host = torch.from_numpy(np.ascontiguousarray(self.alpha))
-            if torch.device(device).type == "cuda":
-                host = host.pin_memory()
-                cached = host.to(device, non_blocking=True)
-            else:
-                cached = host.to(device)
+            cached = torch.from_numpy(np.ascontiguousarray(self.alpha)).to(key)
             self._on_device[key] = cached
         return cached
+
+
+def _device_key(device: torch.device | str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def upload_masks(masks: Sequence[Optional[BlendMask]], device: torch.device | str) -> None:
+    """Copy every mask's alpha to ``device`` in one transfer (one pinned buffer, one copy),
+    so that ``composite`` never waits on a host-to-device copy."""
+    key = _device_key(device)
+    todo = [m for m in masks if m is not None and key not in m._on_device]
+    if not todo:
+        return
+    flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(m.alpha).ravel() for m in todo]))
+    if torch.device(key).type == "cuda":
+        flat = flat.pin_memory()
+    on_device = flat.to(key, non_blocking=True)
+    offset = 0
+    for m in todo:
+        n = m.alpha.size
+        m._on_device[key] = on_device[offset : offset + n].view(m.alpha.shape)
+        offset += n
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,7 +259,9 @@ def prepare_masks(
     ``frames`` are RGB uint8 ``[N, H, W, 3]``; ``boxes`` are after ``extra_margin``;
     ``bisenet`` maps ImageNet-normalised ``[B, 3, 512, 512]`` to logits ``[B, 19, 512, 512]``.
     The crops/resizes and the mask post-processing run on a CPU thread pool (PIL and OpenCV
-    release the GIL); the parser runs in batches of ``batch_size`` on ``device``.
+    release the GIL); the parser runs in batches of ``batch_size`` on ``device``. The masks
+    are also uploaded to ``device`` (one transfer) for ``composite``; their memory is the
+    sum of the box areas in bytes.
     """
     if len(boxes) != len(frames):
         raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
@@ -278,6 +301,8 @@ def prepare_masks(
             )
             for (i, _), m in zip(chunk, masks):
                 result[i] = m
+    # Masks are reused for many output frames: put them on the device now, in one copy.
+    upload_masks(result, device)
     return result
 
 

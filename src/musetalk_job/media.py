@@ -427,22 +427,26 @@ def encoders_available() -> dict[str, bool]:
     return found
 
 
-def _nvenc_opens() -> bool:
+def _nvenc_opens(width: int = 256, height: int = 256, options: Optional[dict[str, str]] = None) -> bool:
+    """Whether an NVENC H.264 session really opens and encodes a frame of this size.
+    ``MUSETALK_NVENC=0`` turns NVENC off."""
     if os.environ.get("MUSETALK_NVENC", "").strip().lower() in ("0", "false", "no", "off"):
         return False
     try:
         ctx = av.CodecContext.create("h264_nvenc", "w")
-        ctx.width, ctx.height = 256, 256
+        ctx.width, ctx.height = width, height
         ctx.pix_fmt = "yuv420p"
         ctx.time_base = Fraction(1, 25)
         ctx.framerate = Fraction(25)
+        if options:
+            ctx.options = dict(options)
         ctx.open()
-        frame = av.VideoFrame(256, 256, "yuv420p")
+        frame = av.VideoFrame(width, height, "yuv420p")
         frame.pts = 0
         ctx.encode(frame)
         ctx.encode(None)
         return True
-    except Exception:  # noqa: BLE001 - no GPU, no driver, no session: fall back to libx264
+    except Exception:  # noqa: BLE001 - no GPU, no driver, size/session limit: fall back to libx264
         return False
 
 
@@ -500,6 +504,7 @@ class VideoWriter:
         self._error: Optional[BaseException] = None
         self._aborted = threading.Event()
         self._closed = False
+        self._finished = False
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         suffix = self.path.suffix.lower()
         if codec == "ffv1" and suffix not in (".mkv", ".avi", ".nut"):
@@ -529,15 +534,20 @@ class VideoWriter:
     def _setup_video(self, crf: int, preset: str) -> None:
         self._pad_w = self._pad_h = 0
         if self.codec == "h264":
-            self.encoder = "h264_nvenc" if encoders_available()["h264_nvenc"] else "libx264"
             self._pad_w, self._pad_h = self.width % 2, self.height % 2
+            nvenc_options = {"preset": _NVENC_PRESETS.get(preset, "p4"), "tune": "hq", "rc": "vbr",
+                             "cq": str(crf), "b": "0"}
+            # NVENC only when it really opens at this size with these options (a GPU without
+            # NVENC, e.g. H100/H200, a session limit or a size limit all fall back to libx264).
+            use_nvenc = encoders_available()["h264_nvenc"] and _nvenc_opens(
+                self.width + self._pad_w, self.height + self._pad_h, nvenc_options)
+            self.encoder = "h264_nvenc" if use_nvenc else "libx264"
             stream = self._container.add_stream(self.encoder, rate=self.rate)
             stream.pix_fmt = "yuv420p"
-            if self.encoder == "libx264":
-                stream.options = {"crf": str(crf), "preset": preset}
+            if use_nvenc:
+                stream.options = nvenc_options
             else:
-                stream.options = {"preset": _NVENC_PRESETS.get(preset, "p4"), "tune": "hq", "rc": "vbr",
-                                  "cq": str(crf), "b": "0"}
+                stream.options = {"crf": str(crf), "preset": preset}
             # The RGB->YUV matrix used below, tagged so players decode the colours we meant.
             stream.codec_context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
             stream.codec_context.color_range = 1  # AVCOL_RANGE_MPEG (limited)
@@ -570,7 +580,7 @@ class VideoWriter:
         layout = "mono" if channels == 1 else "stereo"
         self._astream = self._container.add_stream("aac", rate=rate)
         self._astream.layout = layout
-        self._astream.bit_rate = 128_000 if channels > 1 else 96_000
+        self._astream.bit_rate = 128_000 if channels > 1 else 64_000
         self._audio_path = p
         self._audio_rate = rate
         self._audio_resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
@@ -611,12 +621,12 @@ class VideoWriter:
         if self._error is not None:
             self._remove_output()
             raise self._wrap(self._error)
+        self._finished = True
 
     def abort(self) -> None:
-        """Stop encoding and delete the partial output."""
-        if self._closed and not self._thread.is_alive():
-            if not self._aborted.is_set():
-                return
+        """Stop encoding and delete the partial output (no-op after a successful ``close()``)."""
+        if self._finished:
+            return
         self._closed = True
         self._aborted.set()
         while True:  # make room for the stop marker
