@@ -192,8 +192,9 @@ def test_packaged_manifest_covers_layout_and_known_facts() -> None:
 def test_full_download_then_idempotent(hub: tuple[FakeHub, Path, dict[str, bytes]], tmp_path: Path) -> None:
     server, manifest, tree = hub
     models = tmp_path / "models"
-    report = weights.download_weights(models, version="all", manifest=manifest, progress=False)
+    report = weights.download_weights(models, version="all", manifest=manifest, progress=False, include_optional=True)
     entries = _select(manifest, "all")
+    assert layout.DWPOSE_ONNX in report.downloaded
     assert sorted(report.downloaded) == sorted(e.path for e in entries)
     for e in entries:
         assert (models / e.path).read_bytes() == tree[e.path], e.path
@@ -204,7 +205,7 @@ def test_full_download_then_idempotent(hub: tuple[FakeHub, Path, dict[str, bytes
 
     # Second run: every file's size is known → skipped without touching the hub.
     n = len(server.requests)
-    again = weights.download_weights(models, version="all", manifest=manifest, progress=False)
+    again = weights.download_weights(models, version="all", manifest=manifest, progress=False, include_optional=True)
     assert again.downloaded == [] and sorted(again.skipped) == sorted(e.path for e in entries)
     assert len(server.requests) == n
 
@@ -220,6 +221,7 @@ def test_download_cli_through_hf_endpoint(hub: tuple[FakeHub, Path, dict[str, by
     assert (models / layout.UNET["v15"][0]).read_bytes() == tree[layout.UNET["v15"][0]]
     assert not (models / layout.DWPOSE_PTH).exists()  # cascade needs no DWPose
     assert not (models / "musetalk").exists()  # v1 not asked for
+    assert not (models / layout.DWPOSE_ONNX).exists()  # optional: only with --include-optional
 
 
 def test_resume_after_dropped_connection(hub: tuple[FakeHub, Path, dict[str, bytes]], tmp_path: Path,
@@ -363,7 +365,7 @@ def test_offline_with_complete_dir_succeeds(hub: tuple[FakeHub, Path, dict[str, 
     weights.download_weights(models, manifest=manifest, progress=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     report = weights.download_weights(models, manifest=manifest, progress=False)
-    assert report.downloaded == [] and len(report.skipped) == len(_select(manifest))
+    assert report.downloaded == [] and sorted(report.skipped) == sorted(e.path for e in _select(manifest) if e.required)
 
 
 def test_missing_file_on_hub_is_models_error(hub: tuple[FakeHub, Path, dict[str, bytes]], tmp_path: Path) -> None:
@@ -386,3 +388,74 @@ def test_random_weights_marker_skips_size_checks(tmp_path: Path) -> None:
     (models / layout.BISENET).unlink()
     with pytest.raises(ModelsError, match=r"79999_iter.pth: missing.*download-weights"):
         weights.assert_models_dir(models)
+
+
+# ------------------------------------------------------------------------------------------
+# convert-weights / fast copies
+@pytest.fixture()
+def models_copy(tiny_models_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dest = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, dest)  # the session fixture must stay free of fast copies
+    return dest
+
+
+def test_convert_weights_round_trip(models_copy: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from musetalk_job.models.loading import MuseTalkModels, read_state_dict
+
+    written = weights.convert_weights(models_copy, version="all")
+    keys = ["unet-v15", "unet-v1", "vae", "whisper-encoder", "bisenet", "dwpose"]
+    assert set(written) >= {models_copy / layout.FAST[k] for k in keys}
+    for k in keys:
+        assert weights.fast_copy_valid(models_copy, k) and weights.fast_copy_valid(models_copy, k, dtype="fp16")
+        assert not weights.fast_copy_valid(models_copy, k, dtype="bf16")
+    original = read_state_dict(models_copy / layout.UNET["v15"][0], models_copy)
+    fast = load_file(str(models_copy / layout.FAST["unet-v15"]))
+    assert fast.keys() == original.keys()
+    for name, t in original.items():
+        assert fast[name].dtype == (torch.float16 if t.is_floating_point() else t.dtype)
+        assert torch.equal(fast[name], t.to(fast[name].dtype)), name
+
+    # DWPose: the copy holds RTMPose's own keys, loadable strictly.
+    from musetalk_job.landmarks.dwpose import load_model
+
+    model = load_model(models_copy / layout.DWPOSE_PTH)
+    model.load_state_dict(load_file(str(models_copy / layout.FAST["dwpose"])), strict=True)
+
+    # The engine's loader takes the copies and gets the same modules as from the originals.
+    from_fast = MuseTalkModels.load(models_copy, version="v15", device="cpu", dtype=torch.float16)
+    assert all(s.fast for s in from_fast.sources.values()), from_fast.sources
+    import shutil
+
+    shutil.rmtree(models_copy / layout.FAST_DIR)
+    from_orig = MuseTalkModels.load(models_copy, version="v15", device="cpu", dtype=torch.float16)
+    for attr in ("unet", "vae", "whisper", "bisenet"):
+        a, b = getattr(from_fast, attr).state_dict(), getattr(from_orig, attr).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), attr
+
+
+
+def test_fast_copy_goes_stale(models_copy: Path) -> None:
+    weights.convert_weights(models_copy, version="v15", dtype="bf16")
+    assert weights.fast_copy_valid(models_copy, "bisenet", dtype="bf16")
+    assert not weights.fast_copy_valid(models_copy, "unet-v1")  # not converted
+    unet = models_copy / layout.UNET["v15"][0]
+    st = unet.stat()
+    os.utime(unet, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # original rewritten
+    assert not weights.fast_copy_valid(models_copy, "unet-v15")
+    assert weights.fast_copy_valid(models_copy, "vae")
+    fast_vae = models_copy / layout.FAST["vae"]
+    fast_vae.write_bytes(fast_vae.read_bytes()[:-10])  # truncated copy
+    assert not weights.fast_copy_valid(models_copy, "vae")
+    weights.convert_weights(models_copy, version="v15")
+    assert weights.fast_copy_valid(models_copy, "unet-v15") and weights.fast_copy_valid(models_copy, "vae")
+
+
+def test_convert_cli_missing_original(tmp_path: Path) -> None:
+    res = _cli(["convert-weights", "--models-dir", str(tmp_path)], {})
+    assert res.returncode == EXIT_MODELS
+    assert res.stderr.strip().splitlines()[-1].startswith("error[5]:") and "musetalkV15/unet.pth" in res.stderr

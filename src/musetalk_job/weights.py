@@ -486,8 +486,10 @@ def download_weights(
     token: str | None = None,
     verify: bool = False,
     progress: bool = True,
+    include_optional: bool = False,
 ) -> DownloadReport:
-    """Make ``models_dir`` complete for ``version``/``landmarks`` (see the module docstring).
+    """Make ``models_dir`` complete for ``version``/``landmarks`` (see the module docstring);
+    optional manifest files (``required: false``) only with ``include_optional``.
 
     Raises ``WeightsMissing`` (offline/unreachable hub and files missing), ``ModelsError`` (not on
     the hub, auth, bad hash after retry), ``TransientIOError`` (download broke off)."""
@@ -495,7 +497,7 @@ def download_weights(
     from huggingface_hub.utils import build_hf_headers
 
     models_dir = Path(models_dir)
-    entries = _as_manifest(manifest).select(version, landmarks)
+    entries = [e for e in _as_manifest(manifest).select(version, landmarks) if e.required or include_optional]
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     offline = hub_offline()
     report = DownloadReport(models_dir)
@@ -650,6 +652,10 @@ def _fast_state_dict(models_dir: Path, key: str) -> dict[str, Any]:
             if enc:
                 return enc
         raise ModelsError(f"model file {sources[0]}: no Whisper encoder tensors")
+    if key == "dwpose":
+        from .landmarks.dwpose import load_model
+
+        return load_model(sources[0]).state_dict()  # the module's keys, whatever prefixes the file has
     return loading.read_state_dict(sources[0], models_dir)
 
 
@@ -729,6 +735,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
             manifest=args.manifest,
             verify=args.verify,
             progress=not args.no_progress,
+            include_optional=args.include_optional,
         )
         bad = [s for s in check_models_dir(args.models_dir, version=args.version, landmarks=args.landmarks,
                                            manifest=args.manifest) if s.required and not s.ok]
@@ -783,6 +790,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--version", choices=VERSIONS, default="v15", help="UNet version(s) to fetch (default v15)")
     p.add_argument("--verify", action="store_true", help="also hash files already present (slow for 3.4 GB)")
     p.add_argument("--manifest", type=Path, default=None, help="use this manifest instead of the packaged one")
+    p.add_argument("--include-optional", action="store_true",
+                   help="also fetch files no job reads (dw-ll_ucoco_384.onnx, for other runtimes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_download)
 
