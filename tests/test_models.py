@@ -444,6 +444,13 @@ def test_fast_copies_are_preferred(models_copy: Path, v15: MuseTalkModels) -> No
     assert m.unet.conv_in.weight.dtype == torch.float32  # cast to the requested dtype
     assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight.half().float())
     assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight.half().float())
+    # the fast copies alone are enough (an image may ship only them); the JSON configs stay required
+    for rel in ("musetalkV15/unet.pth", "sd-vae/diffusion_pytorch_model.bin", "whisper/pytorch_model.bin", layout.BISENET):
+        (models_copy / rel).unlink()
+    m2 = _load(models_copy)
+    assert torch.equal(m2.whisper.layers[0].fc1.weight, m.whisper.layers[0].fc1.weight)
+    (models_copy / layout.FAST["vae"]).unlink()
+    _expect_models_error(models_copy, "looked for diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin")
 
 
 def test_stale_or_broken_fast_copies_fall_back(models_copy: Path, v15: MuseTalkModels, caplog) -> None:

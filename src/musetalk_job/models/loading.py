@@ -14,8 +14,9 @@ Contract:
   Whisper as ``pytorch_model.bin`` or ``model.safetensors`` with encoder keys under
   ``model.encoder.`` or ``encoder.``; BiSeNet of any width (read from the tensor shapes).
 - When ``layout.FAST[key]`` exists (fp16 safetensors written by ``convert-weights`` holding the
-  module's own ``state_dict()`` keys) and is not older than its original, it is loaded straight
-  to the device instead; a fast copy that fails to load falls back to the original with a warning.
+  module's own ``state_dict()`` keys) and is not older than its original (or the original weights
+  file is absent; configs stay required), it is loaded straight to the device instead; a fast copy
+  that fails to load falls back to the original with a warning.
 - Any missing, truncated, corrupt or mismatched file raises ``ModelsError`` naming the file and
   the download hint.
 """
@@ -274,11 +275,17 @@ class _Loader:
         with torch.device("meta"):
             return build()
 
-    def _first_existing(self, folder: Path, names: tuple[str, ...]) -> Path:
+    def _weights_file(self, folder: Path, names: tuple[str, ...]) -> tuple[Path, Callable[[], StateDict]]:
+        """The first of ``names`` present in ``folder`` and a reader for it (the reader raises when none is)."""
         for name in names:
             if (folder / name).is_file():
-                return folder / name
-        raise _error(folder / names[-1], f"missing (looked for {' or '.join(names)} in {folder})", self.dir)
+                path = folder / name
+                return path, lambda: read_state_dict(path, self.dir)
+
+        def missing() -> StateDict:
+            raise _error(folder / names[-1], f"missing (looked for {' or '.join(names)} in {folder})", self.dir)
+
+        return folder / names[-1], missing
 
     # -- models ------------------------------------------------------------------------
     def unet(self, version: str) -> nn.Module:
@@ -301,7 +308,7 @@ class _Loader:
         folder = self.dir / layout.VAE_DIR
         config_path = folder / "config.json"
         config = read_json(config_path, self.dir)
-        weights = self._first_existing(folder, VAE_WEIGHT_NAMES)
+        weights, read_weights = self._weights_file(folder, VAE_WEIGHT_NAMES)
 
         def build(_sd: StateDict, _path: Path) -> nn.Module:
             try:
@@ -310,7 +317,7 @@ class _Loader:
                 raise _error(config_path, f"not a valid VAE config ({_short(exc)})", self.dir) from exc
 
         def read() -> StateDict:
-            return convert_legacy_vae_keys(read_state_dict(weights, self.dir))
+            return convert_legacy_vae_keys(read_weights())
 
         vae = self._with_fast("vae", "vae", weights, build, read)
         scaling = config.get("scaling_factor") or VAE_SCALING_FACTOR
@@ -328,10 +335,10 @@ class _Loader:
         except Exception as exc:
             raise _error(config_path, f"not a valid Whisper config ({_short(exc)})", self.dir) from exc
         config._attn_implementation = "sdpa"
-        weights = self._first_existing(folder, WHISPER_WEIGHT_NAMES)
+        weights, read_weights = self._weights_file(folder, WHISPER_WEIGHT_NAMES)
 
         def read() -> StateDict:
-            sd = read_state_dict(weights, self.dir)
+            sd = read_weights()
             for prefix in WHISPER_ENCODER_PREFIXES:
                 enc = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
                 if enc:
