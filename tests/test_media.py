@@ -268,6 +268,18 @@ def test_writer_lossless_round_trip(tmp_path, codec, suffix):
     np.testing.assert_array_equal(back.frames, frames)
 
 
+def test_writer_encodes_in_a_background_thread(tmp_path):
+    import threading
+
+    out = tmp_path / "bg.mp4"
+    writer = media.VideoWriter(out, width=64, height=48, fps=25, queue_frames=2)
+    assert any(t.name == "video-encoder" and t.is_alive() for t in threading.enumerate())
+    writer.write(_smooth_frames(20, 64, 48))  # more frames than the queue holds: write waits, no loss
+    writer.close()
+    assert writer.frames_written == 20 and media.probe(out).n_frames == 20
+    assert not writer._thread.is_alive()
+
+
 def test_writer_abort_and_errors(tmp_path, clips):
     out = tmp_path / "partial.mp4"
     writer = media.VideoWriter(out, width=64, height=48, fps=25)

@@ -470,8 +470,8 @@ class VideoWriter:
     """Encode RGB frames to ``path`` in a background thread; mux AAC audio from ``audio_path``.
 
     ``write(frames)`` queues a ``[B, H, W, 3]`` uint8 RGB batch (``[H, W, 3]`` is one frame)
-    and returns as soon as there is room in the bounded queue; the writer owns the array
-    from then on (do not modify it). ``close()`` flushes and finalises; ``abort()`` stops and
+    and returns as soon as the frames fit in the bounded queue (``queue_frames`` frames);
+    the writer owns the array from then on (do not modify it). ``close()`` flushes and finalises; ``abort()`` stops and
     deletes the partial file. Used as a context manager it closes on success and aborts on
     an exception.
 
@@ -490,7 +490,7 @@ class VideoWriter:
         codec: Codec = "h264",
         crf: int = 18,
         preset: str = "medium",
-        queue_size: int = 8,
+        queue_frames: int = 32,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -505,7 +505,7 @@ class VideoWriter:
         self._aborted = threading.Event()
         self._closed = False
         self._finished = False
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_frames))
         suffix = self.path.suffix.lower()
         if codec == "ffv1" and suffix not in (".mkv", ".avi", ".nut"):
             raise SpecError(f"codec: ffv1 needs an .mkv output path (got {self.path.name})")
@@ -603,13 +603,14 @@ class VideoWriter:
                 f"output {self.path}: frames must be uint8 [B, {self.height}, {self.width}, 3], "
                 f"got {arr.dtype} {list(arr.shape)}"
             )
-        while True:
-            self._raise_if_failed()
-            try:
-                self._queue.put(arr, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        for frame in arr:  # queued frame by frame: the queue bounds memory in frames
+            while True:
+                self._raise_if_failed()
+                try:
+                    self._queue.put(frame, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
 
     def close(self) -> None:
         """Flush the encoders, write the trailer; raises if encoding failed (file removed)."""
@@ -669,10 +670,7 @@ class VideoWriter:
                 item = self._queue.get()
                 if item is _STOP or self._aborted.is_set():
                     break
-                for rgb in item:
-                    if self._aborted.is_set():
-                        break
-                    self._encode_video(rgb)
+                self._encode_video(item)
             if not self._aborted.is_set():
                 self._finish()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
