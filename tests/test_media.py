@@ -150,6 +150,26 @@ def test_read_frames_vfr_resampled_like_ffmpeg_fps_filter(clips):
     assert np.array_equal(got.frames[14], got.frames[15])
 
 
+def test_read_frames_size_change_is_scaled_to_first_size(tmp_path):
+    parts = []
+    for i, size in enumerate(("160x120", "128x96")):
+        part = tmp_path / f"part{i}.ts"
+        _ffmpeg("-f", "lavfi", "-i", f"testsrc=size={size}:rate=25", "-frames:v", "5", "-pix_fmt", "yuv420p",
+                "-c:v", "libx264", str(part))
+        parts.append(str(part))
+    mixed = tmp_path / "mixed.ts"
+    _ffmpeg("-i", "concat:" + "|".join(parts), "-c", "copy", str(mixed))
+    got = media.read_frames(mixed)
+    assert got.frames.shape == (10, 120, 160, 3)
+    small = media.read_frames(parts[1]).frames
+    assert not np.array_equal(got.frames[5], got.frames[4])
+    # The second part is its own picture, upscaled: close to a plain resize of it.
+    import cv2
+
+    approx = cv2.resize(small[0], (160, 120), interpolation=cv2.INTER_CUBIC)
+    assert np.abs(got.frames[5].astype(int) - approx.astype(int)).mean() < 12
+
+
 def test_cfr_indices_rule():
     # 25 fps timestamps with a gap and a burst: gap slots repeat, a crowded slot keeps the last.
     times = np.array([0.0, 0.04, 0.08, 0.20, 0.21, 0.24])

@@ -310,19 +310,16 @@ def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
             for frame in container.decode(stream):
                 if buf is None:
                     rotation = _rotation_of(frame)
-                    h, w = frame.height, frame.width
-                    shape = (w, h) if rotation in (90, 270) else (h, w)
+                    first_w, first_h = frame.width, frame.height
+                    shape = (first_w, first_h) if rotation in (90, 270) else (first_h, first_w)
                     buf = np.empty((capacity, shape[0], shape[1], 3), dtype=np.uint8)
-                elif (frame.width, frame.height) != (first_w, first_h):
-                    raise InputMediaError(
-                        f"{p}: the frame size changes mid-stream ({first_w}x{first_h} -> "
-                        f"{frame.width}x{frame.height}); re-encode the video at one resolution"
-                    )
                 if n == buf.shape[0]:
                     buf = np.concatenate([buf, np.empty_like(buf)], axis=0)
-                rgb = frame.to_ndarray(format="rgb24")
+                if (frame.width, frame.height) == (first_w, first_h):
+                    rgb = frame.to_ndarray(format="rgb24")
+                else:  # a mid-stream size change is scaled to the first size, as ffmpeg does
+                    rgb = frame.to_ndarray(format="rgb24", width=first_w, height=first_h, interpolation="BICUBIC")
                 buf[n] = np.rot90(rgb, rotation // 90) if rotation else rgb
-                first_w, first_h = frame.width, frame.height
                 t = frame.time
                 times.append(float(t) if t is not None else (n / float(rate) if rate else float(n)))
                 n += 1
