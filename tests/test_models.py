@@ -151,6 +151,9 @@ def test_random_weights_layout_is_the_official_one(tiny_models_dir: Path) -> Non
         "face-parse-bisent/79999_iter.pth",
     ):
         assert (tiny_models_dir / rel).is_file(), rel
+    from musetalk_job.weights import is_random_weights_dir
+
+    assert is_random_weights_dir(tiny_models_dir)
     whisper = _sd(tiny_models_dir / "whisper/pytorch_model.bin")
     prefixes = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("model.") else "") for k in whisper}
     assert prefixes == {"model.encoder", "model.decoder", "proj_out"}
@@ -426,43 +429,45 @@ def test_whisper_problems_name_the_file(models_copy: Path) -> None:
 # Fast copies (written by convert-weights)
 
 
-def _write_fast(models_dir: Path, key: str, module: torch.nn.Module) -> Path:
-    from safetensors.torch import save_file
-
-    path = models_dir / layout.FAST[key]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in module.state_dict().items()}
-    save_file(sd, str(path))
-    return path
-
-
 def test_fast_copies_are_preferred(models_copy: Path, v15: MuseTalkModels) -> None:
-    for key, module in (("unet-v15", v15.unet), ("vae", v15.vae), ("whisper-encoder", v15.whisper), ("bisenet", v15.bisenet)):
-        _write_fast(models_copy, key, module)
+    from musetalk_job.weights import convert_weights
+
+    convert_weights(models_copy, version="v15", dtype="fp16")
     m = _load(models_copy)
     assert all(m.sources[n].fast for n in ("unet", "vae", "whisper", "bisenet")), m.sources
+    assert m.sources["unet"].path == models_copy / layout.FAST["unet-v15"]
     assert m.unet.conv_in.weight.dtype == torch.float32  # cast to the requested dtype
     assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight.half().float())
     assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight.half().float())
-    # the fast copies alone are enough (an image may ship only them); the JSON configs stay required
-    for rel in ("musetalkV15/unet.pth", "sd-vae/diffusion_pytorch_model.bin", "whisper/pytorch_model.bin", layout.BISENET):
-        (models_copy / rel).unlink()
-    m2 = _load(models_copy)
-    assert torch.equal(m2.whisper.layers[0].fc1.weight, m.whisper.layers[0].fc1.weight)
-    (models_copy / layout.FAST["vae"]).unlink()
-    _expect_models_error(models_copy, "looked for diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin")
+    assert torch.equal(m.whisper.layers[0].fc1.weight, v15.whisper.layers[0].fc1.weight.half().float())
+    assert not torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight)  # fp16-rounded: really the copy
+    assert torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight.half().float())
 
 
 def test_stale_or_broken_fast_copies_fall_back(models_copy: Path, v15: MuseTalkModels, caplog) -> None:
-    unet_fast = _write_fast(models_copy, "unet-v15", v15.unet)
+    from musetalk_job.weights import convert_weights
+
+    convert_weights(models_copy, version="v15", dtype="fp16")
     original = models_copy / "musetalkV15/unet.pth"
-    now = time.time()
-    os.utime(unet_fast, (now - 100, now - 100))
-    os.utime(original, (now, now))  # original replaced after the conversion → fast copy is stale
-    bise_fast = _write_fast(models_copy, "bisenet", v15.bisenet)
+    original.write_bytes(original.read_bytes())  # the original replaced after the conversion → stale copy
+    os.utime(original, ns=(time.time_ns() + 10**9,) * 2)
+    bise_fast = models_copy / layout.FAST["bisenet"]
     bise_fast.write_bytes(bise_fast.read_bytes()[:100])  # truncated
     with caplog.at_level("WARNING"):
         m = _load(models_copy)
     assert not m.sources["unet"].fast and not m.sources["bisenet"].fast
+    assert m.sources["vae"].fast and m.sources["whisper"].fast
     assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight)
-    assert "older than" in caplog.text and str(bise_fast) in caplog.text
+    assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight)
+    assert str(models_copy / layout.FAST["unet-v15"]) in caplog.text and str(bise_fast) in caplog.text
+
+
+def test_hand_made_fast_copy_without_record_is_ignored(models_copy: Path, v15: MuseTalkModels) -> None:
+    from safetensors.torch import save_file
+
+    path = models_copy / layout.FAST["bisenet"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.zeros_like(v) for k, v in v15.bisenet.state_dict().items()}, str(path))
+    m = _load(models_copy)
+    assert not m.sources["bisenet"].fast
+    assert torch.equal(m.bisenet.cp.resnet.conv1.weight, v15.bisenet.cp.resnet.conv1.weight)

@@ -13,10 +13,11 @@ Contract:
   attention names (``query/key/value/proj_attn``) or current ones (``to_q/to_k/to_v/to_out.0``);
   Whisper as ``pytorch_model.bin`` or ``model.safetensors`` with encoder keys under
   ``model.encoder.`` or ``encoder.``; BiSeNet of any width (read from the tensor shapes).
-- When ``layout.FAST[key]`` exists (fp16 safetensors written by ``convert-weights`` holding the
-  module's own ``state_dict()`` keys) and is not older than its original (or the original weights
-  file is absent; configs stay required), it is loaded straight to the device instead; a fast copy
-  that fails to load falls back to the original with a warning.
+- When ``layout.FAST[key]`` exists (fp16/bf16 safetensors written by ``convert-weights`` holding
+  the module's own ``state_dict()`` keys) and ``weights.fast_copy_valid`` says it was made from
+  the current originals (sizes and mtimes recorded in ``fast/fast.json``), it is loaded straight
+  to the device instead; a stale copy, or one that fails to load, falls back to the original
+  with a warning.
 - Any missing, truncated, corrupt or mismatched file raises ``ModelsError`` naming the file and
   the download hint.
 """
@@ -252,11 +253,12 @@ class _Loader:
         read_original: Callable[[], StateDict],
     ) -> nn.Module:
         """Build on meta and fill from the fast copy when usable, else from the original."""
+        from ..weights import fast_copy_valid
+
         fast = self.dir / layout.FAST[fast_key]
         if fast.is_file():
-            stale = original.is_file() and original.stat().st_mtime > fast.stat().st_mtime
-            if stale:
-                log.warning("ignoring %s: older than %s (run convert-weights again)", fast, original)
+            if not fast_copy_valid(self.dir, fast_key):
+                log.warning("ignoring %s: not made from the current %s (run convert-weights again)", fast, original)
             else:
                 try:
                     sd = read_state_dict(fast, self.dir, device=self.device)

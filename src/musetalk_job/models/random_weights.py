@@ -15,6 +15,7 @@ Contract:
   (``query/key/value/proj_attn``); ``whisper_prefix`` is the prefix of the encoder/decoder keys
   (``"model."`` as in a ``WhisperForConditionalGeneration`` dump, or ``""``).
 - DWPose: ``landmarks.dwpose.write_random_checkpoint`` when ``dwpose`` and that module exists.
+- ``RANDOM_WEIGHTS.json`` (``weights.RANDOM_MARKER``) at the root marks the dir as test weights.
 """
 
 from __future__ import annotations
@@ -238,8 +239,13 @@ def write_random_weights(
         raise ValueError(f"version must be 'v15', 'v1' or 'all', not {version!r}")
     if whisper_prefix not in ("model.", ""):
         raise ValueError(f"whisper_prefix must be 'model.' or '', not {whisper_prefix!r}")
+    from ..weights import RANDOM_MARKER
+
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
+    # Marks the dir as test weights (``weights`` then skips size checks and refuses to download into it).
+    marker = {"format": "musetalk-job/random-weights", "size": size, "version": version, "seed": seed}
+    _write_json(models_dir / RANDOM_MARKER, marker)
     for v in ("v15", "v1") if version == "all" else (version,):
         write_unet(models_dir, v, size, seed)
     write_vae(models_dir, size, seed, legacy_keys=legacy_vae_keys)
