@@ -49,6 +49,17 @@ def test_crop_box_and_margin():
     assert apply_extra_margin(None, 10, 45) is None
 
 
+def test_crop_is_zero_padded_like_pil_crop():
+    from musetalk_job.blending import _crop_zero_padded
+
+    frame = np.random.default_rng(5).integers(1, 256, (40, 60, 3), dtype=np.uint8)
+    for window in ((-10, -7, 30, 33), (45, 20, 85, 60), (-5, -5, 70, 50), (10, 5, 30, 25)):
+        expected = np.asarray(Image.fromarray(frame).crop(window))
+        got = _crop_zero_padded(frame, *window)
+        np.testing.assert_array_equal(got, expected)
+    assert not _crop_zero_padded(frame, -10, -7, 30, 33)[:7].any()  # outside the frame is black
+
+
 # --- parsing masks ------------------------------------------------------------------------
 
 
