@@ -1,1 +1,103 @@
-"""Face landmarks and face boxes: DWPose (no mmlab), an offline cascade backend, the official bbox recipe."""
+"""Face landmarks and face boxes: DWPose (no mmlab), an offline cascade backend, the official bbox recipe.
+
+Contract:
+
+* ``load_detector(backend, models_dir, device) -> Detector``: ``"dwpose"`` loads
+  ``<models_dir>/dwpose/dw-ll_ucoco_384.pth`` (missing/corrupt → ``ModelsError`` naming the file
+  and the ``cascade`` option; never a silent fallback); ``"cascade"`` needs no weights.
+* ``detect_boxes(frames [N,H,W,3] RGB uint8, *, backend, detector=None, bbox_shift=0,
+  batch_size=None, progress=None) -> list[box | None]``: one box per given frame (callers pass
+  the distinct input frames once; boxes are reused for every output frame that shows that
+  input frame). ``progress("landmarks", done, total)`` after each batch.
+* Boxes are ``(x1, y1, x2, y2)`` Python ints before ``extra_margin``; ``None`` = no face, and the
+  engine passes such frames through unchanged.
+
+Heavy imports (torch, cv2, skimage) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
+
+from ..errors import ModelsError, SpecError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .boxes import Box
+
+BACKENDS = ("dwpose", "cascade")
+
+
+class Detector(Protocol):
+    backend: str
+
+    def detect(
+        self,
+        frames: "np.ndarray",
+        *,
+        bbox_shift: int = 0,
+        batch_size: Optional[int] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> "list[Optional[Box]]": ...
+
+
+def load_detector(backend: str, models_dir: Path | str | None, device: Any = "cpu") -> Detector:
+    """Load the face-box detector for ``backend`` on ``device``."""
+    if backend == "cascade":
+        from .cascade import CascadeDetector
+
+        return CascadeDetector()
+    if backend != "dwpose":
+        raise SpecError(f"landmarks must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    from ..models import layout
+
+    if models_dir is None:
+        raise ModelsError(f"landmarks=dwpose needs a models dir with {layout.DWPOSE_PTH}; or set landmarks=cascade (lower fidelity, no weights)")
+    path = Path(models_dir) / layout.DWPOSE_PTH
+    if not path.is_file():
+        raise ModelsError(
+            f"DWPose weights {path} are missing (needed for landmarks=dwpose); "
+            + layout.DOWNLOAD_HINT.format(dir=models_dir)
+            + ", or set landmarks=cascade for the lower-fidelity detector that needs no weights"
+        )
+    from .dwpose import DWPoseDetector
+
+    try:
+        return DWPoseDetector.load(path, device)
+    except ModelsError as exc:
+        raise ModelsError(f"{exc.message}; or set landmarks=cascade (lower fidelity, no weights)") from exc
+
+
+def detect_boxes(
+    frames: "np.ndarray",
+    *,
+    backend: str = "dwpose",
+    detector: Optional[Detector] = None,
+    bbox_shift: int = 0,
+    batch_size: Optional[int] = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> "list[Optional[Box]]":
+    """One face box (or None) per frame of ``frames`` [N,H,W,3] RGB uint8."""
+    import numpy as np
+
+    arr = np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [N, H, W, 3], got {arr.dtype} {arr.shape}")
+    if arr.shape[0] == 0:
+        return []
+    if detector is None:
+        if backend != "cascade":
+            raise ValueError("detect_boxes(backend='dwpose') needs detector=load_detector('dwpose', models_dir, device)")
+        detector = load_detector("cascade", None)
+    if detector.backend != backend:
+        raise ValueError(f"detector is for backend {detector.backend!r}, not {backend!r}")
+    cb = None
+    if progress is not None:
+        def cb(done: int, total: int) -> None:
+            progress("landmarks", done, total)
+    return list(detector.detect(arr, bbox_shift=bbox_shift, batch_size=batch_size, progress=cb))
+
+
+__all__: Sequence[str] = ("BACKENDS", "Detector", "load_detector", "detect_boxes")
