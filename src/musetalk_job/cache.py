@@ -2,21 +2,26 @@
 
 Integration (what ``Pipeline`` needs; ``cache`` is this module)::
 
-    # Pipeline.__init__:   self.avatar_cache = cache.from_env()       # None → disabled
-    # Pipeline.run, after decode, before prepare_video's landmarks/latents/masks:
+    # Pipeline.__init__:  self.avatar_cache = cache.from_env()          # None → disabled
+    # Pipeline.run, after decode and num_out, instead of the plain prepare_video call:
+    n_used = used_input_frames(num_out, frames.shape[0])
     prep = key = None
     if self.avatar_cache is not None:
-        key = cache.cache_key(video, version=self.version, options=options, dtype_name=str(self.dtype),
-                              model_fingerprint=cache.model_fingerprint(self.models_dir, self.version, options.landmarks))
-        hit = self.avatar_cache.get(key)
-        if hit is not None:   # None: not cached, or cached for fewer frames than this job uses
-            prep = cache.apply_cached(hit, frames, fps, options, n_used=n_used, device=self.device, dtype=self.dtype)
+        with st.stage("landmarks"):                                     # the lookup replaces that work
+            key = cache.cache_key(video, version=self.version, options=options, dtype_name=str(self.dtype),
+                                  model_fingerprint=cache.model_fingerprint(self.models_dir, self.version, options.landmarks))
+            hit = self.avatar_cache.get(key)                            # None: miss (or a bad entry, removed)
+            if hit is not None:                                         # None: entry covers fewer frames
+                prep = cache.apply_cached(hit, frames, fps, options, n_used=n_used, device=self.device, dtype=self.dtype)
     if prep is None:
-        prep = self.prepare_video(...)                                  # as today
+        prep = self.prepare_video(frames, fps, options, n_used=n_used, ...)   # as today
         if key is not None:
-            self.avatar_cache.put(key, cache.to_cached(prep, options))
+            self.avatar_cache.put(key, cache.to_cached(prep, options))  # local now, bucket in the background
     elif options.save_boxes is not None:                                # a hit skips _boxes(), which writes it
-        landmarks.boxes.write_boxes_file(options.save_boxes, prep.boxes)
+        landmarks.boxes.write_boxes_file(Path(options.save_boxes), prep.boxes)
+
+A long-running worker may call ``avatar_cache.flush(timeout)`` before it exits so that the last
+upload finishes (the upload thread is also joined at interpreter exit).
 
 ``cache_key`` may raise ``InputMediaError`` (video or boxes file unreadable); ``get``/``put``
 never raise for cache problems — they log a warning and behave as a miss / a no-op.
