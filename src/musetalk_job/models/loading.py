@@ -163,7 +163,7 @@ def convert_legacy_vae_keys(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 @dataclass
-class _Source:
+class ModelSource:
     """Where one model came from (for logs and ``doctor``)."""
 
     path: Path
@@ -184,7 +184,7 @@ class MuseTalkModels:
     version: str
     load_seconds: float
     vae_scaling_factor: float = VAE_SCALING_FACTOR
-    sources: dict[str, _Source] = field(default_factory=dict)
+    sources: dict[str, ModelSource] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -241,7 +241,7 @@ class _Loader:
         self.dir = models_dir
         self.device = device
         self.dtype = dtype
-        self.sources: dict[str, _Source] = {}
+        self.sources: dict[str, ModelSource] = {}
 
     # -- helpers -----------------------------------------------------------------------
     def _with_fast(
@@ -263,13 +263,13 @@ class _Loader:
                 try:
                     sd = read_state_dict(fast, self.dir, device=self.device)
                     module = fill_module(self._meta(lambda: build(sd, fast)), sd, fast, self.dir)
-                    self.sources[name] = _Source(fast, True)
+                    self.sources[name] = ModelSource(fast, True)
                     return _finish(module, self.device, self.dtype)
                 except ModelsError as exc:
                     log.warning("ignoring fast copy: %s", exc.message)
         sd = read_original()
         module = fill_module(self._meta(lambda: build(sd, original)), sd, original, self.dir)
-        self.sources[name] = _Source(original, False)
+        self.sources[name] = ModelSource(original, False)
         return _finish(module, self.device, self.dtype)
 
     @staticmethod
