@@ -379,8 +379,14 @@ def test_crash_leftover_temp_dir_is_ignored_and_cleaned(tmp_path: Path) -> None:
     AvatarCache(tmp_path)  # the next process start cleans stale leftovers
     assert not stale.exists()
     assert live.exists()
+    # a process that crashed while this one keeps running: its leftovers go at the next put
+    stale2 = tmp_path / f".trash-{KEY_C}-dead0002"
+    stale2.mkdir()
+    os.utime(stale2, (old, old))
     c.put(KEY_A, make_avatar(12))
+    assert not stale2.exists() and live.exists()
     assert c.get(KEY_A) is not None
+    assert c.get(KEY_C) is None
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -440,7 +440,7 @@ class AvatarCache:
     # ----------------------------------------------------------------- local layout
 
     def _entry(self, key: str) -> Path:
-        if not _KEY_RE.match(key):
+        if not _KEY_RE.fullmatch(key):
             raise ValueError(f"not an avatar cache key: {key!r}")
         return self.root / key
 
@@ -474,7 +474,7 @@ class AvatarCache:
         """(mtime, bytes, path) of every installed entry."""
         out = []
         for p in self.root.iterdir():
-            if not _KEY_RE.match(p.name):
+            if not _KEY_RE.fullmatch(p.name):
                 continue
             try:
                 size = sum(f.stat().st_size for f in p.iterdir() if f.is_file())
@@ -487,6 +487,7 @@ class AvatarCache:
         return sum(size for _, size, _ in self._entries())
 
     def _evict(self, keep: Optional[Path] = None) -> None:
+        self._clean_stale()  # other processes sharing the directory may have crashed mid-put
         entries = sorted(self._entries(), key=lambda e: e[0])
         total = sum(size for _, size, _ in entries)
         for _mtime, size, path in entries:
