@@ -28,9 +28,7 @@ def random_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     """A copy of the shared tiny random-weights dir (this module adds files to it)."""
     dest = tmp_path_factory.mktemp("doctor") / "models"
     shutil.copytree(tiny_models_dir, dest)
-    # `dev random-weights` marks its dirs; write the marker if the generator does not (yet).
-    if not (dest / weights.RANDOM_MARKER).is_file():
-        (dest / weights.RANDOM_MARKER).write_text(json.dumps({"size": "tiny"}))
+    assert (dest / weights.RANDOM_MARKER).is_file()  # `dev random-weights` marks its dirs
     return dest
 
 
