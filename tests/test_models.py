@@ -154,6 +154,10 @@ def test_random_weights_layout_is_the_official_one(tiny_models_dir: Path) -> Non
     from musetalk_job.weights import is_random_weights_dir
 
     assert is_random_weights_dir(tiny_models_dir)
+    import importlib.util
+
+    if importlib.util.find_spec("musetalk_job.landmarks.dwpose") is not None:
+        assert (tiny_models_dir / layout.DWPOSE_PTH).is_file()
     whisper = _sd(tiny_models_dir / "whisper/pytorch_model.bin")
     prefixes = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("model.") else "") for k in whisper}
     assert prefixes == {"model.encoder", "model.decoder", "proj_out"}
