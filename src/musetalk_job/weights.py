@@ -411,7 +411,8 @@ def _download_one(
         get_headers.pop("authorization", None)  # a signed CDN URL must not receive the hub token
     for attempt in (1, 2):
         resume = part.stat().st_size if part.exists() else 0
-        if expected_size is not None and resume > expected_size:
+        # Continue a partial file only when a hash will vouch for the joined result.
+        if resume and (not expected_sha or (expected_size is not None and resume > expected_size)):
             part.unlink()
             resume = 0
         if resume:
@@ -487,9 +488,11 @@ def download_weights(
     verify: bool = False,
     progress: bool = True,
     include_optional: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> DownloadReport:
     """Make ``models_dir`` complete for ``version``/``landmarks`` (see the module docstring);
-    optional manifest files (``required: false``) only with ``include_optional``.
+    optional manifest files (``required: false``) only with ``include_optional``. ``notify``
+    receives one line per file fetched.
 
     Raises ``WeightsMissing`` (offline/unreachable hub and files missing), ``ModelsError`` (not on
     the hub, auth, bad hash after retry), ``TransientIOError`` (download broke off)."""
@@ -551,6 +554,9 @@ def download_weights(
                 if not verify or expected_sha is None or sha256_file(local.path) == expected_sha:
                     report.skipped.append(entry.path)
                     continue
+            if notify is not None:
+                size_text = f"{expected_size / 1e6:,.1f} MB" if expected_size is not None else "size unknown"
+                notify(f"fetching {entry.path} ({size_text}) from {entry.url(endpoint)}")
             repaired = _download_one(
                 entry, models_dir / entry.path, remote, headers, endpoint, expected_size, expected_sha, progress
             )
@@ -567,11 +573,7 @@ def download_weights(
             )
         return report
     finally:
-        lock.release()
-        try:
-            Path(lock.lock_file).unlink()
-        except OSError:
-            pass
+        lock.release()  # the lock file stays: unlinking it could let two processes in at once
 
 
 # ---------------------------------------------------------------------------------------
@@ -736,6 +738,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
             verify=args.verify,
             progress=not args.no_progress,
             include_optional=args.include_optional,
+            notify=lambda line: print(f"download-weights: {line}", file=sys.stderr, flush=True),
         )
         bad = [s for s in check_models_dir(args.models_dir, version=args.version, landmarks=args.landmarks,
                                            manifest=args.manifest) if s.required and not s.ok]
