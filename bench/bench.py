@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the musetalk-job engine: one command, one JSON file.
+
+    python bench/bench.py --out bench.json                 # everything (GPU machine)
+    python bench/bench.py make-media --media .bench/media  # only the inputs (any machine, needs ffmpeg)
+
+What it measures (bench/README.md explains the figures):
+- the device's ceilings in the same run: dense fp16/bf16 matmul 8192³ and fp16 3x3 convolutions
+  shaped like the VAE decoder's (NCHW and channels-last);
+- writing full-size random weights in the official layout, and loading them (``Pipeline.from_models_dir``);
+- W1: a 1280x720 25 fps 10 s face video + 30 s of speech → 750 output frames, run twice in one
+  process (cold = first run after load, warm = second): wall seconds, seconds per stage, output
+  frames/s, peak GPU memory;
+- per-model micro-benchmarks at the run's batch size (UNet, VAE decode, VAE encode) against their
+  FLOP floors (UNet ≈170 GFLOP and VAE decode ≈620 GFLOP per output frame, VAE encode ≈541 GFLOP
+  per distinct input frame, masked + full);
+- landmark frames/s at a couple of batch sizes (DWPose and the cascade backend).
+
+W1 takes its face boxes from a boxes file made by the cascade backend (``make-media``), because
+random DWPose weights find no real face; the landmark stage is timed separately on the same frames.
+Weights are random: the figures are about speed, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+GFLOP_UNET = 169.6  # per output frame (doc §9.2, torch FlopCounter, multiply-add = 2)
+GFLOP_VAE_DECODE = 620.0  # per output frame at 256²
+GFLOP_VAE_ENCODE = 541.0  # per distinct input frame (masked + full, 2 × 270.6)
+
+VIDEO_NAME = "face_1280x720_25fps_10s.mp4"
+AUDIO_NAME = "speech_30s.wav"
+BOXES_NAME = "boxes.json"
+
+
+# --------------------------------------------------------------------------- media
+
+
+def synthetic_speech(path: Path, seconds: float, sr: int = 16000, seed: int = 0) -> Path:
+    """A speech-like signal: voiced harmonics with a wandering pitch, syllable-rate amplitude
+    modulation, two moving formant peaks and short pauses. Used only when espeak-ng is missing."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    f0 = 120 + 30 * np.sin(2 * np.pi * 0.3 * t) + 10 * np.sin(2 * np.pi * 2.1 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    f1 = 500 + 300 * np.sin(2 * np.pi * 1.7 * t + 1.0)
+    f2 = 1500 + 500 * np.sin(2 * np.pi * 1.1 * t + 2.0)
+    sig = np.zeros(n)
+    for k in range(1, 30):
+        fk = k * f0
+        gain = np.exp(-((fk - f1) ** 2) / (2 * 150.0**2)) + 0.6 * np.exp(-((fk - f2) ** 2) / (2 * 250.0**2)) + 0.02
+        sig += gain * np.sin(k * phase) / k**0.5
+    syllables = np.clip(np.sin(2 * np.pi * 4.0 * t) * 0.5 + 0.5, 0, 1) ** 1.5
+    pauses = (np.sin(2 * np.pi * 0.23 * t + 0.5) > -0.8).astype(float)
+    sig = sig * syllables * pauses + 0.01 * rng.standard_normal(n)
+    pcm = np.clip(sig / np.abs(sig).max() * 0.8 * 32767, -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+def make_media(media: Path) -> dict[str, Any]:
+    """The W1 inputs: 1280x720 25 fps 10 s face video, ~30 s of speech, cascade face boxes."""
+    import shutil
+
+    from musetalk_job.samples import make_face_video, make_speech
+
+    media.mkdir(parents=True, exist_ok=True)
+    video, audio, boxes = media / VIDEO_NAME, media / AUDIO_NAME, media / BOXES_NAME
+    info: dict[str, Any] = {}
+    if not video.exists():
+        make_face_video(video, seconds=10.0, fps=25.0, size=(1280, 720))
+    if not audio.exists():
+        if shutil.which("espeak-ng"):
+            text = (
+                "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore. "
+                "Peter Piper picked a peck of pickled peppers. How much wood would a woodchuck chuck. "
+                "Lip sync models map speech sounds to mouth shapes, frame by frame, twenty five times a second. "
+                "This benchmark speaks for about thirty seconds so that the engine renders seven hundred and fifty frames."
+            )
+            make_speech(audio, text=text, seconds=30.0)
+            info["speech"] = "espeak-ng"
+        else:
+            synthetic_speech(audio, 30.0)
+            info["speech"] = "synthetic"
+    if not boxes.exists():
+        from musetalk_job.landmarks import detect_boxes, load_detector
+        from musetalk_job.landmarks.boxes import write_boxes_file
+        from musetalk_job.media import read_frames
+
+        frames = read_frames(video).frames
+        det = load_detector("cascade", media, "cpu")
+        found = detect_boxes(frames, backend="cascade", detector=det)
+        write_boxes_file(boxes, found)
+        info["faces"] = sum(b is not None for b in found)
+    return info
+
+
+# --------------------------------------------------------------------------- GPU helpers
+
+
+def _cuda_time(fn: Callable[[], Any], warmup: int = 2, iters: int = 5) -> float:
+    """Mean seconds per call, by CUDA events around ``iters`` calls after ``warmup``."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000.0 / iters
+
+
+def ceilings() -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    n = 8192
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        s = _cuda_time(lambda: a @ b, warmup=3, iters=10)
+        out[f"matmul_{name}_8192_tflops"] = round(2 * n**3 / s / 1e12, 1)
+        del a, b
+    # 3x3 convs shaped like the VAE decoder's two largest levels, batch 16
+    torch.backends.cudnn.benchmark = True
+    for label, (c, hw) in {"c256_128px": (256, 128), "c128_256px": (128, 256), "c512_64px": (512, 64)}.items():
+        x = torch.randn(16, c, hw, hw, device="cuda", dtype=torch.float16)
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).cuda().half()
+        flop = 2 * 16 * hw * hw * c * c * 9
+        with torch.inference_mode():
+            s = _cuda_time(lambda: conv(x), warmup=3, iters=10)
+            out[f"conv3x3_fp16_{label}_nchw_tflops"] = round(flop / s / 1e12, 1)
+            xc, convc = x.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+            s = _cuda_time(lambda: convc(xc), warmup=3, iters=10)
+            out[f"conv3x3_fp16_{label}_channels_last_tflops"] = round(flop / s / 1e12, 1)
+        del x, conv
+    torch.cuda.empty_cache()
+    return out
+
+
+def micro(pipe: Any, batch: int) -> dict[str, Any]:
+    """UNet, VAE decode and VAE encode alone at ``batch`` frames: ms/frame and TFLOP/s."""
+    import torch
+
+    from musetalk_job.latents import decode_latents
+
+    m = pipe.models
+    dev, dtype = pipe.device, pipe.dtype
+    lat = torch.randn(batch, 8, 32, 32, device=dev, dtype=dtype)
+    cond = torch.randn(batch, 50, 384, device=dev, dtype=dtype)
+    t0 = torch.zeros(1, dtype=torch.long, device=dev)
+    img = torch.randn(2 * batch, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
+    out: dict[str, Any] = {"batch": batch}
+    with torch.inference_mode():
+        s = _cuda_time(lambda: m.unet(lat, t0, encoder_hidden_states=cond).sample)
+        out["unet_ms_per_frame"] = round(s / batch * 1e3, 3)
+        out["unet_tflops"] = round(GFLOP_UNET * batch / s / 1e3, 1)
+        s = _cuda_time(lambda: decode_latents(m.vae, lat[:, :4]))
+        out["vae_decode_ms_per_frame"] = round(s / batch * 1e3, 3)
+        out["vae_decode_tflops"] = round(GFLOP_VAE_DECODE * batch / s / 1e3, 1)
+        s = _cuda_time(lambda: m.vae.encode(img).latent_dist.mean)
+        out["vae_encode_ms_per_input_frame"] = round(s / batch * 1e3, 3)
+        out["vae_encode_tflops"] = round(GFLOP_VAE_ENCODE * batch / s / 1e3, 1)
+    return out
+
+
+def landmark_fps(pipe: Any, frames: np.ndarray, batch_sizes: list[int]) -> dict[str, Any]:
+    import torch
+
+    from musetalk_job.landmarks import detect_boxes
+
+    out: dict[str, Any] = {}
+    for backend in ("dwpose", "cascade"):
+        try:
+            det = pipe.detector(backend)
+        except Exception as exc:  # report, don't fail the whole benchmark
+            out[backend] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        res: dict[str, Any] = {}
+        sizes = batch_sizes if backend == "dwpose" else [batch_sizes[0]]
+        for bs in sizes:
+            sub = frames if backend == "dwpose" else frames[:50]
+            detect_boxes(sub[: min(8, len(sub))], backend=backend, detector=det, batch_size=bs)  # warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            boxes = detect_boxes(sub, backend=backend, detector=det, batch_size=bs)
+            torch.cuda.synchronize()
+            s = time.perf_counter() - t
+            res[f"batch_{bs}"] = {"frames": len(sub), "seconds": round(s, 3), "fps": round(len(sub) / s, 1),
+                                  "faces": sum(b is not None for b in boxes)}
+        out[backend] = res
+    return out
+
+
+def w1_run(pipe: Any, media: Path, out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
+    import torch
+
+    from musetalk_job.options import EngineOptions
+
+    options = EngineOptions(boxes_file=media / BOXES_NAME, **opts)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    result = pipe.run(media / VIDEO_NAME, media / AUDIO_NAME, out_dir / f"w1_{label}.mp4", options)
+    wall = time.perf_counter() - t
+    stats = result.stats()
+    stats.update(
+        wall_s=round(wall, 3),
+        output_fps=round(result.frames / wall, 1),
+        peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        detail={k: (round(v, 4) if isinstance(v, float) else v) for k, v in pipe.last_timings.items()},
+        options={k: str(v) for k, v in opts.items()},
+    )
+    return stats
+
+
+def floors(run: dict[str, Any], ceil: dict[str, Any], mic: dict[str, Any]) -> dict[str, Any]:
+    """Each GPU stage against its FLOP floor at the measured fp16 matmul ceiling."""
+    peak = ceil.get("matmul_fp16_8192_tflops") or ceil.get("matmul_bf16_8192_tflops")
+    frames, faces = run["frames"], run["frames_with_face"]
+    st = run["stage_seconds"]
+    gen_floor = (GFLOP_UNET + GFLOP_VAE_DECODE) * frames / peak / 1e3
+    enc_floor = GFLOP_VAE_ENCODE * faces / peak / 1e3
+    return {
+        "ceiling_tflops": peak,
+        "generate_floor_s": round(gen_floor, 3),
+        "generate_s": st["generate"],
+        "generate_efficiency": round(gen_floor / st["generate"], 3) if st["generate"] else None,
+        "latents_floor_s": round(enc_floor, 3),
+        "latents_s": st["latents"],
+        "latents_efficiency": round(enc_floor / st["latents"], 3) if st["latents"] else None,
+        "unet_efficiency": round(mic["unet_tflops"] / peak, 3),
+        "vae_decode_efficiency": round(mic["vae_decode_tflops"] / peak, 3),
+        "vae_encode_efficiency": round(mic["vae_encode_tflops"] / peak, 3),
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return os.environ.get("BENCH_COMMIT", "unknown")
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from musetalk_job.media import read_frames
+    from musetalk_job.models.random_weights import write_random_weights
+    from musetalk_job.pipeline import Pipeline
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: no CUDA device; this benchmark is for a GPU machine")
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": args.commit or _commit(),
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+    report["media"] = make_media(args.media)
+    report["ceilings"] = ceilings()
+    save()
+
+    models = Path(args.models)
+    t = time.perf_counter()
+    if not (models / "musetalkV15" / "unet.pth").exists():
+        write_random_weights(models, size="full", version="v15", seed=0)
+        report["weights_write_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    pipe = Pipeline.from_models_dir(models, device="cuda", dtype=args.dtype, version="v15")
+    torch.cuda.synchronize()
+    report["model_load_s"] = round(time.perf_counter() - t, 2)
+    report["dtype"] = str(pipe.dtype).replace("torch.", "")
+    save()
+
+    out_dir = Path(args.work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, Any] = {}
+    report["w1"] = runs
+    runs["cold"] = w1_run(pipe, args.media, out_dir, "cold", batch_size=args.batch_size)
+    save()
+    runs["warm"] = w1_run(pipe, args.media, out_dir, "warm", batch_size=args.batch_size)
+    save()
+    if args.fast_preset:
+        runs["warm_preset_" + args.fast_preset] = w1_run(
+            pipe, args.media, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
+        )
+        save()
+    batch = runs["warm"]["batch_size"]
+    report["micro"] = micro(pipe, batch)
+    report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
+    save()
+    frames = read_frames(args.media / VIDEO_NAME).frames
+    report["landmarks"] = landmark_fps(pipe, frames, args.landmark_batches)
+    save()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", nargs="?", default="bench", choices=["bench", "make-media"])
+    p.add_argument("--out", default="bench.json", help="JSON report path")
+    p.add_argument("--media", type=Path, default=ROOT / ".bench" / "media", help="input media folder (made if missing)")
+    p.add_argument("--models", default="/tmp/musetalk-bench-models", help="models dir (random full weights written if missing)")
+    p.add_argument("--work", default="/tmp/musetalk-bench-out", help="where the output videos go")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: chosen from free GPU memory")
+    p.add_argument("--fast-preset", default="veryfast", help="an extra warm run with this x264 preset ('' to skip)")
+    p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    if args.command == "make-media":
+        print(json.dumps(make_media(args.media)))
+        return 0
+    report = bench(args)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""The engine's orchestrator: face video + speech audio → lip-synced MP4 with MuseTalk.
+
+Contract::
+
+    pipe = Pipeline.from_models_dir(models_dir, device=None, dtype=None, version="v15")
+    result = pipe.run(video, audio, output, EngineOptions(...), progress=None, cancel=None)
+
+``run`` reads top to bottom (docs/engine.md has the full account):
+
+1. ``decode``    — input frames (RGB uint8, constant fps) and 16 kHz mono audio;
+   ``T = floor(audio_s · fps)`` output frames (exact fps), ``T == 0`` → ``InputMediaError``.
+2. ``landmarks`` — one face box per *used* input frame, from ``options.boxes_file`` or the landmark
+   detector. Output frame ``i`` shows input frame ``pingpong(i)`` over ``L + reversed(L)``; when
+   ``T < N`` only the first ``T`` input frames are used, so only those are analysed (all of them
+   when ``save_boxes`` is set). No face in any used frame → ``InputMediaError``.
+3. ``latents``   — per distinct input frame with a face, once: crop (box + ``extra_margin`` for
+   v1.5) → 256² LANCZOS4 → VAE mean latents ``[N_face, 8, 32, 32]`` on the device; blend masks
+   (BiSeNet) once per distinct frame (timed as ``blend``).
+4. ``audio``     — Whisper features → ``[T, 50, 384]`` windows + positional encoding.
+5. ``generate``  — batches over output frames: UNet(t=0) + VAE decode for the frames with a face,
+   composite on the device (``blend``), copy to pinned host memory, hand to the background
+   encoder (``encode``). Frames without a face are passed through untouched.
+
+Everything that does not depend on the audio is built by ``prepare_video`` into a
+``PreparedVideo`` so that an avatar cache can keep and reuse it.
+
+Errors: ``SpecError`` (version mismatch), ``InputMediaError`` (no audio frames, no face),
+``ModelsError`` (from the loaders), ``EngineRuntimeError`` (out of GPU memory at batch size 1,
+encoder/ffmpeg failures), ``Cancelled`` (the ``cancel`` event was set; checked between batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import Cancelled, EngineRuntimeError, InputMediaError, JobError, SpecError
+from .latents import crop_faces, decode_latents, encode_faces
+from .options import EngineOptions, ProgressFn, Result
+
+log = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]
+
+# Per-output-frame device memory at batch size 1 in fp16/bf16, measured as the peak of
+# UNet + VAE decode at 256² (the decoder's 256-channel 256×256 activations dominate) plus
+# headroom for the allocator; fp32 doubles it. The composite adds ~4 frame-sized buffers.
+_BYTES_PER_FRAME_HALF = 320 * 2**20
+_MAX_AUTO_BATCH = 64
+_CPU_BATCH = 4
+_FREE_MEMORY_FRACTION = 0.6
+_ENCODE_BATCH_FACTOR = 2  # VAE encode runs masked+full together: half the frames per call
+
+
+def pingpong_indices(num_output: int, num_input: int) -> np.ndarray:
+    """Input frame for each output frame: ``i mod 2N`` over ``L + reversed(L)`` (official cycling)."""
+    if num_input <= 0:
+        raise ValueError("num_input must be positive")
+    k = np.arange(num_output, dtype=np.int64) % (2 * num_input)
+    return np.where(k < num_input, k, 2 * num_input - 1 - k)
+
+
+def used_input_frames(num_output: int, num_input: int) -> int:
+    """How many leading input frames the output uses: all when ``T >= N``, else the first ``T``."""
+    return min(num_output, num_input)
+
+
+@dataclass
+class PreparedVideo:
+    """Everything about the input video that does not depend on the audio.
+
+    ``latents``/``masks``/``face_rows`` cover ``frames[:n_used]``; ``boxes`` has one entry per
+    input frame (before ``extra_margin``; ``None`` for no face or a frame that was not analysed).
+    """
+
+    frames: np.ndarray  # [N, H, W, 3] uint8 RGB
+    fps: float
+    boxes: list[Optional[Box]]
+    n_used: int
+    face_rows: np.ndarray  # [n_used] int64: row into ``latents`` or -1 (no face)
+    latents: torch.Tensor  # [N_face, 8, 32, 32], model dtype, on the device
+    masks: list[Any]  # [n_used] blending.BlendMask | None (box after extra_margin)
+    version: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def frames_with_face(self) -> int:
+        return int((self.face_rows >= 0).sum())
+
+
+class _Stages:
+    """Wall-clock stage timer; CUDA is synchronised only at stage boundaries."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+
+def _check_cancel(cancel: Optional[threading.Event]) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the job was cancelled", exit_code=getattr(cancel, "exit_code", None))
+
+
+def _clip_box(box: Optional[Sequence[int]], width: int, height: int) -> Optional[Box]:
+    if box is None:
+        return None
+    x1, y1, x2, y2 = (int(v) for v in box)
+    x1, x2 = max(0, min(x1, width)), max(0, min(x2, width))
+    y1, y2 = max(0, min(y1, height)), max(0, min(y2, height))
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        return None
+    return (x1, y1, x2, y2)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def auto_batch_size(device: torch.device, dtype: torch.dtype, frame_bytes: int) -> int:
+    """Batch size from free device memory: ``free·0.6 / per-frame estimate``, capped at 64; CPU: 4."""
+    if device.type != "cuda":
+        return _CPU_BATCH
+    free, _total = torch.cuda.mem_get_info(device)
+    per_frame = _BYTES_PER_FRAME_HALF * (2 if dtype == torch.float32 else 1) + 4 * frame_bytes
+    return int(max(1, min(_MAX_AUTO_BATCH, (free * _FREE_MEMORY_FRACTION) // per_frame)))
+
+
+class Pipeline:
+    """Loaded MuseTalk models on one device plus lazily loaded landmark detectors."""
+
+    def __init__(self, models: Any, models_dir: Path) -> None:
+        self.models = models
+        self.models_dir = Path(models_dir)
+        self.version: str = models.version
+        self.device: torch.device = models.device
+        self.dtype: torch.dtype = models.dtype
+        self._detectors: dict[str, Any] = {}
+        self._detector_lock = threading.Lock()
+        self._timestep = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.last_timings: dict[str, float] = {}  # detail of the last generate() for benchmarks
+
+    @classmethod
+    def from_models_dir(
+        cls,
+        models_dir: Path | str,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        version: str = "v15",
+        landmarks: Optional[str] = None,
+    ) -> "Pipeline":
+        """Load every model once. ``device`` defaults to CUDA when present; ``dtype`` to fp16 on CUDA
+        (bf16 selectable) and fp32 on CPU. ``landmarks`` names a detector backend to load now."""
+        from .models.loading import MuseTalkModels
+
+        if version not in ("v15", "v1"):
+            raise SpecError(f"version must be 'v15' or 'v1', got {version!r}")
+        dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            names = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                     "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+            if dtype not in names:
+                raise SpecError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+            dtype = names[dtype]
+        dt = dtype or default_dtype(dev)
+        if dev.type == "cpu" and dt != torch.float32:
+            log.warning("%s on CPU is slow and poorly supported; using it as asked", dt)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        models = MuseTalkModels.load(Path(models_dir), version=version, device=dev, dtype=dt)
+        pipe = cls(models, Path(models_dir))
+        if landmarks is not None:
+            pipe.detector(landmarks)
+        return pipe
+
+    # ------------------------------------------------------------------ helpers
+
+    def detector(self, backend: str) -> Any:
+        """The landmark detector for ``backend``, loaded on first use and kept."""
+        with self._detector_lock:
+            if backend not in self._detectors:
+                from .landmarks import load_detector
+
+                self._detectors[backend] = load_detector(backend, self.models_dir, self.device)
+            return self._detectors[backend]
+
+    def _frame_upload(self, frames: np.ndarray) -> Optional[torch.Tensor]:
+        """The distinct input frames as one uint8 tensor on the device, when memory allows."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(frames)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if frames.nbytes > 0.25 * free:
+            return None
+        return torch.from_numpy(frames).to(self.device)
+
+    # ------------------------------------------------------------------ stages
+
+    def _decode(self, video: Path, audio: Path, options: EngineOptions) -> tuple[np.ndarray, float, np.ndarray]:
+        from .media import load_audio, read_frames
+
+        vf = read_frames(video, image_fps=options.fps)
+        samples = load_audio(audio, sr=16000)
+        if vf.frames.shape[0] == 0:
+            raise InputMediaError(f"video {video.name}: no frames could be decoded; check that the file is a video or image")
+        return vf.frames, float(vf.fps), samples
+
+    def _boxes(
+        self,
+        frames: np.ndarray,
+        n_analyse: int,
+        options: EngineOptions,
+        progress: Optional[ProgressFn],
+        fps: float,
+    ) -> list[Optional[Box]]:
+        """Face boxes (before extra_margin) for every input frame; frames past ``n_analyse`` → None."""
+        from .landmarks import boxes as boxmod
+
+        n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
+        if options.boxes_file is not None:
+            raw = list(boxmod.read_boxes_file(Path(options.boxes_file), n))
+            n_analyse = n
+        else:
+            from .landmarks import detect_boxes
+
+            bbox_shift = options.bbox_shift if options.version == "v1" else 0  # v1.5 forces 0 (official)
+            raw = list(
+                detect_boxes(
+                    frames[:n_analyse],
+                    backend=options.landmarks,
+                    detector=self.detector(options.landmarks),
+                    bbox_shift=bbox_shift,
+                    progress=progress,
+                )
+            )
+            raw += [None] * (n - len(raw))
+        if options.smooth_boxes:
+            raw[:n_analyse] = list(boxmod.smooth_boxes(raw[:n_analyse], fps=fps))
+        boxes = [_clip_box(b, w, h) for b in raw]
+        if options.save_boxes is not None:
+            boxmod.write_boxes_file(Path(options.save_boxes), boxes)
+        return boxes
+
+    def _blend_boxes(self, boxes: Sequence[Optional[Box]], height: int, options: EngineOptions) -> list[Optional[Box]]:
+        """The crop/blend box per frame: v1.5 adds ``extra_margin`` below the chin (clamped)."""
+        if self.version != "v15":
+            return list(boxes)
+        from .blending import apply_extra_margin
+
+        return [None if b is None else tuple(int(v) for v in apply_extra_margin(b, options.extra_margin, height)) for b in boxes]
+
+    @torch.inference_mode()
+    def prepare_video(
+        self,
+        frames: np.ndarray,
+        fps: float,
+        options: EngineOptions,
+        *,
+        n_used: Optional[int] = None,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[threading.Event] = None,
+        source: str = "the video",
+        stages: Optional[_Stages] = None,
+    ) -> PreparedVideo:
+        """Boxes, latents and blend masks for ``frames[:n_used]`` (all frames by default)."""
+        from .blending import prepare_masks
+
+        self._check_version(options)
+        st = stages or _Stages(self.device)
+        n = int(frames.shape[0])
+        n_used = n if n_used is None else max(1, min(n_used, n))
+        n_analyse = n if options.save_boxes is not None else n_used
+        with st.stage("landmarks"):
+            boxes = self._boxes(frames, n_analyse, options, progress, fps)
+        if not any(b is not None for b in boxes[:n_used]):
+            hint = "try landmarks=cascade or a boxes file" if options.boxes_file is None else "check the boxes file"
+            raise InputMediaError(
+                f"no face found in any frame of {source} (frames 0..{n_used - 1} checked); "
+                f"use a video with a clearly visible frontal face, or {hint}"
+            )
+        _check_cancel(cancel)
+
+        used_boxes = self._blend_boxes(boxes[:n_used], frames.shape[1], options)
+        face_idx = [j for j, b in enumerate(used_boxes) if b is not None]
+        face_rows = np.full(n_used, -1, dtype=np.int64)
+        face_rows[face_idx] = np.arange(len(face_idx))
+        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
+        with st.stage("latents"):
+            crops = crop_faces([frames[j] for j in face_idx], [used_boxes[j] for j in face_idx])
+            crops_t = torch.from_numpy(crops)
+            if self.device.type == "cuda":
+                crops_t = crops_t.pin_memory()
+            latents = self._with_oom_retry(
+                lambda b: encode_faces(self.models.vae, crops_t, b), max(1, batch // _ENCODE_BATCH_FACTOR), "VAE encode"
+            )
+            if progress is not None:
+                progress("latents", len(face_idx), len(face_idx))
+        _check_cancel(cancel)
+        with st.stage("blend"):
+            mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
+            masks = list(
+                prepare_masks(
+                    frames[:n_used],
+                    used_boxes,
+                    self.models.bisenet,
+                    mode=mode,
+                    left_cheek_width=options.left_cheek_width,
+                    right_cheek_width=options.right_cheek_width,
+                    device=self.device,
+                    batch_size=batch,
+                )
+            )
+        return PreparedVideo(
+            frames=frames,
+            fps=fps,
+            boxes=boxes,
+            n_used=n_used,
+            face_rows=face_rows,
+            latents=latents,
+            masks=masks,
+            version=self.version,
+            stage_seconds=dict(st.seconds),
+        )
+
+    def _with_oom_retry(self, fn: Any, batch: int, what: str) -> Any:
+        while True:
+            try:
+                return fn(batch)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if batch <= 1:
+                    raise EngineRuntimeError(
+                        f"out of GPU memory in {what} even at batch size 1; free the GPU or use a larger one"
+                    ) from None
+                batch = max(1, batch // 2)
+                log.warning("out of GPU memory in %s; retrying with batch size %d", what, batch)
+
+    def audio_features(self, samples: np.ndarray, fps: float, num_frames: int, options: EngineOptions) -> torch.Tensor:
+        """``[T, 50, 384]`` UNet conditioning (windows + positional encoding), model dtype, on the device."""
+        from .audio import frame_windows, positional_encoding, whisper_features
+
+        feats = whisper_features(samples, self.models)
+        windows = frame_windows(
+            feats, fps, num_frames, pad_left=options.audio_padding_left, pad_right=options.audio_padding_right
+        )
+        return positional_encoding(windows.to(self.device, self.dtype))
+
+    def _check_version(self, options: EngineOptions) -> None:
+        if options.version != self.version:
+            raise SpecError(
+                f"options.version is {options.version!r} but this pipeline was loaded for {self.version!r}; "
+                f"load a pipeline with version={options.version!r}"
+            )
+
+    # ------------------------------------------------------------------ generation
+
+    def _generate_batch(
+        self,
+        prep: PreparedVideo,
+        frames_dev: Optional[torch.Tensor],
+        audio: torch.Tensor,
+        out_idx: np.ndarray,
+        in_idx: np.ndarray,
+        timer: "_GpuTimer",
+    ) -> torch.Tensor:
+        """One batch of output frames, composited, as uint8 ``[B,H,W,3]`` on the device."""
+        rows = prep.face_rows[in_idx]
+        has_face = rows >= 0
+        h, w = prep.frames.shape[1], prep.frames.shape[2]
+        if frames_dev is not None:
+            idx_t = torch.from_numpy(in_idx).to(frames_dev.device)
+            frames_b = frames_dev.index_select(0, idx_t)
+        else:
+            host = torch.from_numpy(prep.frames[in_idx]).pin_memory()
+            frames_b = host.to(self.device, non_blocking=True)
+        if not has_face.any():
+            return frames_b
+        timer.mark("generate_start")
+        sel = np.nonzero(has_face)[0]
+        rows_t = torch.from_numpy(rows[sel]).to(self.device)
+        latents = prep.latents.index_select(0, rows_t)
+        cond = audio.index_select(0, torch.from_numpy(out_idx[sel]).to(self.device))
+        pred = self.models.unet(latents, self._timestep, encoder_hidden_states=cond).sample
+        faces_sel = decode_latents(self.models.vae, pred)
+        timer.mark("generate_end")
+        if len(sel) == len(in_idx):
+            faces = faces_sel
+        else:
+            faces = torch.zeros((len(in_idx), *faces_sel.shape[1:]), dtype=torch.uint8, device=self.device)
+            faces[torch.from_numpy(sel).to(self.device)] = faces_sel
+        from .blending import composite
+
+        masks = [prep.masks[j] for j in in_idx]
+        out = composite(frames_b, faces, masks)
+        timer.mark("blend_end")
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prep: PreparedVideo,
+        audio: torch.Tensor,
+        writer: Any,
+        batch_size: int,
+        *,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[threading.Event] = None,
+        stages: Optional[_Stages] = None,
+    ) -> int:
+        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used."""
+        st = stages or _Stages(self.device)
+        total = int(audio.shape[0])
+        in_all = pingpong_indices(total, prep.n_used)
+        frames_dev = self._frame_upload(prep.frames[: prep.n_used])
+        timer = _GpuTimer(self.device)
+        pending: Optional[tuple[torch.Tensor, Any]] = None  # (host tensor, copy-done event)
+        encode_s = 0.0
+        start = 0
+        batch = batch_size
+        t0 = time.perf_counter()
+        while start < total:
+            _check_cancel(cancel)
+            stop = min(total, start + batch)
+            out_idx = np.arange(start, stop)
+            try:
+                timer.begin()
+                out_dev = self._generate_batch(prep, frames_dev, audio, out_idx, in_all[start:stop], timer)
+                timer.end()
+            except torch.cuda.OutOfMemoryError:
+                timer.discard()
+                torch.cuda.empty_cache()
+                if batch <= 1:
+                    raise EngineRuntimeError(
+                        "out of GPU memory while generating even at batch size 1; free the GPU or use a larger one"
+                    ) from None
+                batch = max(1, batch // 2)
+                log.warning("out of GPU memory while generating; retrying with batch size %d", batch)
+                continue
+            host, event = self._to_host(out_dev)
+            if pending is not None:  # hand over the previous batch while the GPU works on this one
+                encode_s += self._write(writer, *pending)
+            pending = (host, event)
+            start = stop
+            if progress is not None:
+                progress("generate", start, total)
+        if pending is not None:
+            encode_s += self._write(writer, *pending)
+        st.sync()
+        loop_s = time.perf_counter() - t0
+        gen_s, blend_s = timer.totals()
+        # On CPU the marks are exact wall-clock spans. On CUDA they are device (event) times; the
+        # loop's remaining wall time (frame gathers, copies to the host) is counted as generate, so
+        # the stages add up to the wall time. encode = host time blocked handing frames to the encoder.
+        st.add("generate", gen_s if self.device.type != "cuda" else max(gen_s, loop_s - blend_s - encode_s))
+        st.add("blend", blend_s)
+        self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": blend_s,
+                             "encoder_wait_s": encode_s, "output_frames": total, "batch_size": batch}
+        st.add("encode", encode_s)
+        return batch
+
+    def _to_host(self, out_dev: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        if self.device.type != "cuda":
+            return out_dev, None
+        host = torch.empty(out_dev.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(out_dev, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _write(writer: Any, host: torch.Tensor, event: Any) -> float:
+        if event is not None:
+            event.synchronize()
+        t = time.perf_counter()
+        try:
+            writer.write(host.numpy())
+        except JobError:
+            raise
+        except Exception as exc:  # the encoder thread or ffmpeg failed
+            raise EngineRuntimeError(f"video encoding failed: {exc}") from exc
+        return time.perf_counter() - t
+
+    # ------------------------------------------------------------------ run
+
+    def run(
+        self,
+        video: Path | str,
+        audio: Path | str,
+        output: Path | str,
+        options: EngineOptions,
+        progress: Optional[ProgressFn] = None,
+        cancel: Optional[threading.Event] = None,
+    ) -> Result:
+        """Lip-sync ``video`` to ``audio`` and write ``output`` (MP4, the audio muxed in)."""
+        from .media import VideoWriter
+
+        video, audio, output = Path(video), Path(audio), Path(output)
+        self._check_version(options)
+        st = _Stages(self.device)
+        with torch.inference_mode():
+            with st.stage("decode"):
+                frames, fps, samples = self._decode(video, audio, options)
+            num_out = self._num_output_frames(samples, fps, audio)
+            if progress is not None:
+                progress("decode", 1, 1)
+            _check_cancel(cancel)
+
+            prep = self.prepare_video(
+                frames,
+                fps,
+                options,
+                n_used=used_input_frames(num_out, frames.shape[0]),
+                progress=progress,
+                cancel=cancel,
+                source=video.name,
+                stages=st,
+            )
+            _check_cancel(cancel)
+            with st.stage("audio"):
+                cond = self.audio_features(samples, fps, num_out, options)
+            if progress is not None:
+                progress("audio", num_out, num_out)
+
+            batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
+            h, w = frames.shape[1], frames.shape[2]
+            output.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                writer = VideoWriter(
+                    output, width=w, height=h, fps=fps, audio_path=audio,
+                    codec=options.codec, crf=options.crf, preset=options.preset,
+                )
+            except JobError:
+                raise
+            except Exception as exc:
+                raise EngineRuntimeError(f"could not start the video encoder for {output.name}: {exc}") from exc
+            try:
+                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st)
+                t = time.perf_counter()
+                writer.close()
+                st.add("encode", time.perf_counter() - t)
+            except BaseException as exc:
+                _abort(writer)
+                if isinstance(exc, (JobError, KeyboardInterrupt, SystemExit)):
+                    raise
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise EngineRuntimeError(f"out of GPU memory: {exc}") from exc
+                raise EngineRuntimeError(f"generation or encoding failed: {type(exc).__name__}: {exc}") from exc
+            if progress is not None:
+                progress("encode", num_out, num_out)
+
+        return Result(
+            output=output,
+            frames=num_out,
+            fps=fps,
+            duration_s=num_out / fps,
+            input_frames=int(frames.shape[0]),
+            frames_with_face=prep.frames_with_face,
+            width=int(w),
+            height=int(h),
+            stage_seconds={k: st.seconds.get(k, 0.0) for k in ("decode", "landmarks", "latents", "audio", "generate", "blend", "encode")},
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            batch_size=batch,
+            boxes=[None if b is None else list(b) for b in prep.boxes],
+        )
+
+    @staticmethod
+    def _num_output_frames(samples: np.ndarray, fps: float, audio: Path) -> int:
+        from .audio import num_output_frames
+
+        n = num_output_frames(int(samples.shape[0]), fps)
+        if n <= 0:
+            raise InputMediaError(
+                f"audio {audio.name} is too short: {samples.shape[0] / 16000:.3f} s gives no video frame at "
+                f"{fps:.3f} fps; use at least {1 / fps:.3f} s of audio"
+            )
+        return n
+
+
+def _abort(writer: Any) -> None:
+    try:
+        writer.abort()
+    except Exception:  # already failing; the first error is the one to report
+        log.debug("writer.abort() failed", exc_info=True)
+
+
+class _GpuTimer:
+    """Sums the time between marks per batch: CUDA events on GPU (no per-batch sync), wall-clock on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._batches: list[dict[str, Any]] = []
+        self._cur: dict[str, Any] = {}
+
+    def _now(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def begin(self) -> None:
+        self._cur = {}
+
+    def mark(self, name: str) -> None:
+        self._cur[name] = self._now()
+
+    def end(self) -> None:
+        self._batches.append(self._cur)
+        self._cur = {}
+
+    def discard(self) -> None:
+        self._cur = {}
+
+    def _span(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+
+    def totals(self) -> tuple[float, float]:
+        gen = blend = 0.0
+        for m in self._batches:
+            if "generate_start" in m and "generate_end" in m:
+                gen += self._span(m["generate_start"], m["generate_end"])
+            if "generate_end" in m and "blend_end" in m:
+                blend += self._span(m["generate_end"], m["blend_end"])
+        return gen, blend

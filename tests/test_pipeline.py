@@ -1,0 +1,237 @@
+"""End-to-end tests of the engine orchestrator on CPU with tiny random weights and real media.
+
+The model weights are random, so the generated mouth region is noise; what these tests pin down
+is everything around it: frame counts and timing, ping-pong frame reuse, that nothing outside the
+face boxes is touched, that face-less frames pass through, box sources, errors, cancel, batching.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from musetalk_job.errors import Cancelled, InputMediaError, SpecError  # noqa: E402
+from musetalk_job.options import EngineOptions  # noqa: E402
+from musetalk_job.pipeline import Pipeline, pingpong_indices, used_input_frames  # noqa: E402
+
+NO_FACE = (5, 6)  # the face_video fixture's face-less frames
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("n_in,n_out", [(1, 5), (3, 14), (4, 3), (30, 50), (7, 7)])
+def test_pingpong_indices_cycle_forward_then_backward(n_in: int, n_out: int) -> None:
+    cycle = list(range(n_in)) + list(reversed(range(n_in)))  # L + reversed(L), as upstream builds it
+    expected = list(itertools.islice(itertools.cycle(cycle), n_out))
+    assert pingpong_indices(n_out, n_in).tolist() == expected
+
+
+def test_used_input_frames_is_prefix_when_audio_is_short() -> None:
+    assert used_input_frames(10, 30) == 10
+    assert used_input_frames(50, 30) == 30
+    # every index pingpong produces lies inside the used prefix
+    for n_out, n_in in [(10, 30), (50, 30), (61, 30)]:
+        assert pingpong_indices(n_out, n_in).max() < used_input_frames(n_out, n_in)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models_dir: Path) -> Pipeline:
+    return Pipeline.from_models_dir(tiny_models_dir, device="cpu", version="v15")
+
+
+@pytest.fixture(scope="module")
+def frames_in(face_video: Path) -> tuple[np.ndarray, float]:
+    from musetalk_job.media import read_frames
+
+    vf = read_frames(face_video)
+    return vf.frames, vf.fps
+
+
+@pytest.fixture(scope="module")
+def boxes_file(tmp_path_factory: pytest.TempPathFactory, frames_in: tuple[np.ndarray, float]) -> Path:
+    """A hand-made boxes file: one fixed box around the astronaut's face, none on frames 5 and 6."""
+    from musetalk_job.landmarks.boxes import write_boxes_file
+
+    frames, _ = frames_in
+    h, w = frames.shape[1:3]
+    box = (w // 3, h // 6, w // 3 + w // 4, h // 6 + h // 3)
+    boxes = [None if i in NO_FACE else box for i in range(frames.shape[0])]
+    path = tmp_path_factory.mktemp("boxes") / "boxes.json"
+    write_boxes_file(path, boxes)
+    return path
+
+
+def _wav_slice(src: Path, dst: Path, seconds: float) -> Path:
+    with wave.open(str(src), "rb") as r:
+        params = r.getparams()
+        data = r.readframes(int(seconds * params.framerate))
+    with wave.open(str(dst), "wb") as wr:
+        wr.setparams(params)
+        wr.writeframes(data)
+    return dst
+
+
+def _audio_seconds(path: Path) -> float:
+    with wave.open(str(path), "rb") as r:
+        return r.getnframes() / r.getframerate()
+
+
+def _read(path: Path) -> np.ndarray:
+    from musetalk_job.media import read_frames
+
+    return read_frames(path).frames
+
+
+def _blend_box(box: tuple[int, int, int, int], height: int, margin: int = 10) -> tuple[int, int, int, int]:
+    x1, y1, x2, y2 = box
+    return x1, y1, x2, min(height, y2 + margin)
+
+
+@pytest.fixture(scope="module")
+def lossless_run(pipe: Pipeline, face_video: Path, speech_wav: Path, boxes_file: Path, tmp_path_factory) -> tuple:
+    out = tmp_path_factory.mktemp("out") / "lossless.mkv"
+    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
+    stages: list[str] = []
+    result = pipe.run(face_video, speech_wav, out, opts, progress=lambda s, d, t: stages.append(s))
+    return result, out, stages
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_output_length_follows_audio(lossless_run, speech_wav: Path, frames_in) -> None:
+    from musetalk_job.media import probe
+
+    result, out, _ = lossless_run
+    _, fps = frames_in
+    audio_s = _audio_seconds(speech_wav)
+    expected = int(np.floor(audio_s * fps))
+    assert result.frames == expected
+    assert _read(out).shape[0] == expected
+    info = probe(out)
+    assert info.has_audio and info.has_video
+    assert info.fps == pytest.approx(fps, rel=1e-3)
+    assert info.duration_s == pytest.approx(audio_s, abs=0.1)
+    assert result.input_frames == frames_in[0].shape[0]
+    assert result.frames_with_face == frames_in[0].shape[0] - len(NO_FACE)
+
+
+def test_only_the_face_box_changes_and_faceless_frames_pass_through(lossless_run, frames_in) -> None:
+    result, out, _ = lossless_run
+    frames, _ = frames_in
+    got = _read(out)
+    n, h = frames.shape[0], frames.shape[1]
+    src = pingpong_indices(got.shape[0], n)
+    assert got.shape[0] > n  # the audio outlasts the video: frames are reused backwards
+    changed_inside = 0
+    for i, j in enumerate(src):
+        expected = frames[j]
+        box = result.boxes[j]
+        if box is None:
+            assert j in NO_FACE
+            np.testing.assert_array_equal(got[i], expected, err_msg=f"face-less output frame {i} was modified")
+            continue
+        x1, y1, x2, y2 = _blend_box(tuple(box), h)
+        outside = np.ones(expected.shape[:2], dtype=bool)
+        outside[y1:y2, x1:x2] = False
+        np.testing.assert_array_equal(got[i][outside], expected[outside], err_msg=f"output frame {i} changed outside its box")
+        changed_inside += int((got[i][~outside] != expected[~outside]).any())
+    assert changed_inside > 0.9 * (got.shape[0] - sum(1 for j in src if j in NO_FACE))
+
+
+def test_result_reports_stages_and_boxes(lossless_run, boxes_file: Path) -> None:
+    result, _, stages = lossless_run
+    assert set(result.stage_seconds) == {"decode", "landmarks", "latents", "audio", "generate", "blend", "encode"}
+    assert all(v >= 0 for v in result.stage_seconds.values())
+    assert result.stage_seconds["generate"] > 0
+    assert result.boxes == json.loads(boxes_file.read_text())["frames"]
+    assert result.device == "cpu" and result.dtype == "float32" and result.batch_size == 4
+    assert {"decode", "generate", "encode"} <= set(stages)
+    json.dumps(result.stats())
+
+
+def test_batch_size_does_not_change_the_output(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.5)  # 12 frames: batches 5, 5, 2
+    a = pipe.run(face_video, short, tmp_path / "b1.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=1))
+    b = pipe.run(face_video, short, tmp_path / "b5.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=5))
+    fa, fb = _read(a.output), _read(b.output)
+    assert fa.shape[0] == fb.shape[0] == 12
+    # oneDNN may pick a different convolution blocking per batch shape: allow float rounding
+    # to flip a rare pixel by one level, nothing more (a batching bug would change whole faces).
+    diff = np.abs(fa.astype(np.int16) - fb.astype(np.int16))
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 1e-4
+
+
+def test_short_audio_analyses_only_the_frames_it_uses(pipe, face_video, speech_wav, frames_in, tmp_path) -> None:
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.3)  # 7 output frames < 30 input frames
+    result = pipe.run(face_video, short, tmp_path / "o.mp4", EngineOptions(landmarks="cascade", batch_size=3))
+    assert result.frames == 7
+    assert all(b is None for b in result.boxes[7:])
+    assert any(b is not None for b in result.boxes[:7])
+    assert _read(result.output).shape[0] == 7
+
+
+def test_cascade_landmarks_and_save_boxes(pipe, face_video, speech_wav, frames_in, tmp_path) -> None:
+    from musetalk_job.landmarks.boxes import read_boxes_file
+
+    n = frames_in[0].shape[0]
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.3)  # uses 7 frames, but save_boxes needs all
+    saved = tmp_path / "saved.json"
+    result = pipe.run(
+        face_video, short, tmp_path / "o.mp4", EngineOptions(landmarks="cascade", save_boxes=saved, batch_size=4)
+    )
+    boxes = read_boxes_file(saved, n)
+    assert len(json.loads(saved.read_text())["frames"]) == n
+    assert [b is None for b in boxes] == [i in NO_FACE for i in range(n)]
+    assert [None if b is None else list(b) for b in boxes] == result.boxes
+    # the saved file drives a landmark-free run to the same boxes
+    again = pipe.run(face_video, short, tmp_path / "o2.mp4", EngineOptions(boxes_file=saved, batch_size=4))
+    assert again.boxes[:7] == result.boxes[:7]
+
+
+def test_video_without_a_face_is_rejected(pipe, speech_wav, tmp_path) -> None:
+    from musetalk_job.samples import make_face_video
+
+    video = make_face_video(tmp_path / "none.mp4", seconds=0.4, fps=25.0, size=(160, 120), no_face_frames=range(10))
+    with pytest.raises(InputMediaError, match="no face found"):
+        pipe.run(video, speech_wav, tmp_path / "o.mp4", EngineOptions(landmarks="cascade"))
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_audio_shorter_than_one_frame_is_rejected(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
+    tiny = _wav_slice(speech_wav, tmp_path / "tiny.wav", 0.02)
+    with pytest.raises(InputMediaError, match="too short"):
+        pipe.run(face_video, tiny, tmp_path / "o.mp4", EngineOptions(boxes_file=boxes_file))
+
+
+def test_cancel_between_batches(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "generate":
+            seen.append(done)
+            cancel.set()
+
+    out = tmp_path / "o.mp4"
+    with pytest.raises(Cancelled):
+        pipe.run(face_video, speech_wav, out, EngineOptions(boxes_file=boxes_file, batch_size=2), progress=progress, cancel=cancel)
+    assert seen == [2]  # stopped right after the first batch
+
+
+def test_version_mismatch_is_a_spec_error(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
+    with pytest.raises(SpecError, match="version"):
+        pipe.run(face_video, speech_wav, tmp_path / "o.mp4", EngineOptions(version="v1", boxes_file=boxes_file))
