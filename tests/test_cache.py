@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -440,10 +441,10 @@ def moto_s3():
 
 
 @pytest.fixture
-def bucket(moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+def bucket(moto_s3: MotoS3, monkeypatch: pytest.MonkeyPatch) -> str:
     for k, v in moto_s3.env.items():
         monkeypatch.setenv(k, v)
-    name = "avatars-" + request.node.name.replace("_", "-").lower()[:40].strip("-")
+    name = f"avatars-{secrets.token_hex(6)}"
     moto_s3.client().create_bucket(Bucket=name)
     return name
 
@@ -467,7 +468,8 @@ def test_remote_put_on_node_a_hits_on_node_b(tmp_path: Path, bucket: str, moto_s
     assert AvatarCache(tmp_path / "node-b").get(KEY_A) is not None
 
 
-def test_corrupt_remote_object_is_a_miss_and_is_repaired(tmp_path: Path, bucket: str, moto_s3: MotoS3,
+@pytest.mark.parametrize("target", [cache_mod.LATENTS, cache_mod.META])
+def test_corrupt_remote_object_is_a_miss_and_is_repaired(tmp_path: Path, bucket: str, moto_s3: MotoS3, target: str,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     remote = f"s3://{bucket}/avatars"
     a = AvatarCache(tmp_path / "a", remote=remote)
@@ -475,18 +477,23 @@ def test_corrupt_remote_object_is_a_miss_and_is_repaired(tmp_path: Path, bucket:
     a.put(KEY_A, avatar)
     assert a.flush(timeout=60)
     s3 = moto_s3.client()
-    obj = f"avatars/{KEY_A}/{cache_mod.LATENTS}"
+    obj = f"avatars/{KEY_A}/{target}"
     data = bytearray(s3.get_object(Bucket=bucket, Key=obj)["Body"].read())
-    data[-10] ^= 0xFF
+    if target == cache_mod.META:
+        data = data[: len(data) // 2]  # truncated
+    else:
+        data[-10] ^= 0xFF  # one flipped byte
     s3.put_object(Bucket=bucket, Key=obj, Body=bytes(data))
     b = AvatarCache(tmp_path / "b", remote=remote)
     with caplog.at_level(logging.WARNING, logger="musetalk_job.cache"):
         assert b.get(KEY_A) is None
     assert "corrupt or incomplete" in caplog.text
     assert list((tmp_path / "b").iterdir()) == []  # nothing installed locally
-    # node B rebuilds and puts: the bad remote copy is overwritten even though meta.json looked current
-    b.put(KEY_A, avatar)
-    assert b.flush(timeout=60)
+    # the node that saw the bad copy rebuilds and puts: it is overwritten even though meta.json looked
+    # current; an unreadable meta.json is overwritten by any node's put
+    repairer = b if target == cache_mod.LATENTS else AvatarCache(tmp_path / "fresh", remote=remote)
+    repairer.put(KEY_A, avatar)
+    assert repairer.flush(timeout=60)
     got = AvatarCache(tmp_path / "c", remote=remote).get(KEY_A)
     assert got is not None
     assert_same(avatar, got)

@@ -612,7 +612,10 @@ class AvatarCache:
                 meta_bytes = fs.cat_file(self._remote_path(key, META))
             except FileNotFoundError:
                 return None
-            meta = json.loads(meta_bytes)
+            try:
+                meta = json.loads(meta_bytes)
+            except ValueError as exc:
+                raise CacheEntryError(f"meta.json unreadable: {exc}") from None
             _check_meta(meta, key)
             data = {name: fs.cat_file(self._remote_path(key, name)) for name in DATA_FILES}
             avatar = _decode(meta, data)
@@ -660,7 +663,7 @@ class AvatarCache:
                     existing = json.loads(fs.cat_file(meta_path))
                     if isinstance(existing, dict) and existing.get("files") == meta["files"]:
                         return  # the same entry is already there
-                except FileNotFoundError:
+                except (FileNotFoundError, ValueError):  # absent, or unreadable: (re)write it
                     pass
             for name in DATA_FILES:
                 fs.pipe_file(self._remote_path(key, name), data[name])
