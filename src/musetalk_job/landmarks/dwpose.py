@@ -443,7 +443,7 @@ def write_random_checkpoint(path: Path | str, *, size: str = "tiny", seed: int =
         # depth: outputs then depend on the image, as a trained model's do.
         model.train()
         with torch.no_grad():
-            noise = F.interpolate(torch.randn(4, 3, 48, 36), size=(topdown.INPUT_SIZE[1], topdown.INPUT_SIZE[0]), mode="bilinear")
+            noise = F.interpolate(torch.randn(2, 3, 48, 36), size=(topdown.INPUT_SIZE[1], topdown.INPUT_SIZE[0]), mode="bilinear")
             model(noise * 2.0)
         model.eval()
     meta = {
