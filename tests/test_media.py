@@ -321,6 +321,14 @@ def test_writer_abort_and_errors(tmp_path, clips):
     with pytest.raises(InputMediaError, match="no audio stream"):
         media.VideoWriter(tmp_path / "noaudio.mp4", width=64, height=48, fps=25, audio_path=clips["cfr"])
     assert not (tmp_path / "noaudio.mp4").exists()
+    from musetalk_job.errors import SpecError
+
+    for bad in ({"preset": "warp"}, {"crf": 99}, {"codec": "vp9"}, {"fps": 0}):
+        with pytest.raises(SpecError, match=next(iter(bad))):
+            media.VideoWriter(tmp_path / "bad.mp4", **{"width": 64, "height": 48, "fps": 25, **bad})
+    assert not (tmp_path / "bad.mp4").exists()
+    with pytest.raises(SpecError, match="mkv"):
+        media.VideoWriter(tmp_path / "bad.mp4", width=64, height=48, fps=25, codec="ffv1")
     empty = media.VideoWriter(tmp_path / "empty.mp4", width=64, height=48, fps=25)
     with pytest.raises(EngineRuntimeError, match="no frames"):
         empty.close()

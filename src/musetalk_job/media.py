@@ -468,9 +468,9 @@ class VideoWriter:
 
     ``write(frames)`` queues a ``[B, H, W, 3]`` uint8 RGB batch (``[H, W, 3]`` is one frame)
     and returns as soon as the frames fit in the bounded queue (``queue_frames`` frames);
-    the writer owns the array from then on (do not modify it). ``close()`` flushes and finalises; ``abort()`` stops and
-    deletes the partial file. Used as a context manager it closes on success and aborts on
-    an exception.
+    the writer owns the array from then on (do not modify it). ``close()`` flushes and
+    finalises; ``abort()`` stops and deletes the partial file. Used as a context manager it
+    closes on success and aborts on an exception.
 
     H.264 output needs even dimensions: an odd width/height is padded by one pixel that
     repeats the last column/row (no input pixel is lost). Lossless codecs keep odd sizes.
@@ -493,6 +493,13 @@ class VideoWriter:
             raise SpecError(f"output size must be positive (got {width}x{height})")
         if codec not in ("h264", "ffv1", "h264-lossless"):
             raise SpecError(f"codec: unknown value {codec!r}; use h264, ffv1 or h264-lossless")
+        if preset not in _NVENC_PRESETS:
+            raise SpecError(f"preset: unknown value {preset!r}; use one of {', '.join(_NVENC_PRESETS)}")
+        if not 0 <= int(crf) <= 51:
+            raise SpecError(f"crf: must be between 0 and 51 (got {crf})")
+        needed = {"h264": "libx264", "h264-lossless": "libx264rgb", "ffv1": "ffv1"}[codec]
+        if not encoders_available()[needed] and not (codec == "h264" and encoders_available()["h264_nvenc"]):
+            raise EngineRuntimeError(f"codec {codec}: this PyAV build has no {needed} encoder; install the PyAV wheel from PyPI")
         self.path = Path(path)
         self.width, self.height = int(width), int(height)
         self.rate = _as_rate(fps)
