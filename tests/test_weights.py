@@ -43,6 +43,7 @@ class FakeHub:
         self.corrupt: dict[tuple[str, str], bytes] = {}  # GET serves these bytes, headers describe files[]
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.hits: Counter[str] = Counter()
+        self.auth: set[str | None] = set()  # Authorization headers seen on /resolve/ requests
         self._lock = threading.Lock()
         hub = self
 
@@ -58,6 +59,8 @@ class FakeHub:
                 with hub._lock:
                     hub.requests.append((self.command, path, rng))
                     hub.hits[f"{self.command} {path}"] += 1
+                    if "/resolve/" in path:
+                        hub.auth.add(self.headers.get("Authorization"))
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 key = (m.group(1), m.group(3)) if m else None
                 if key is None or key not in hub.files:
@@ -218,6 +221,8 @@ def test_download_cli_through_hf_endpoint(hub: tuple[FakeHub, Path, dict[str, by
                                    "HF_TOKEN": "hf_secret_token_value"})
     assert res.returncode == 0, res.stderr
     assert "downloaded" in res.stderr and "hf_secret_token_value" not in res.stderr + res.stdout
+    assert server.auth == {"Bearer hf_secret_token_value"}  # HF_TOKEN honoured on HEAD and GET
+    assert f"from {server.url}/TMElyralab/MuseTalk/resolve/main/musetalkV15/unet.pth" in res.stderr
     assert (models / layout.UNET["v15"][0]).read_bytes() == tree[layout.UNET["v15"][0]]
     assert not (models / layout.DWPOSE_PTH).exists()  # cascade needs no DWPose
     assert not (models / "musetalk").exists()  # v1 not asked for
@@ -459,3 +464,19 @@ def test_convert_cli_missing_original(tmp_path: Path) -> None:
     res = _cli(["convert-weights", "--models-dir", str(tmp_path)], {})
     assert res.returncode == EXIT_MODELS
     assert res.stderr.strip().splitlines()[-1].startswith("error[5]:") and "musetalkV15/unet.pth" in res.stderr
+
+
+def test_alternative_format_counts_as_present(hub: tuple[FakeHub, Path, dict[str, bytes]], tmp_path: Path) -> None:
+    """A VAE shipped as .safetensors (which the loader accepts) is not fetched again as .bin."""
+    server, manifest, tree = hub
+    models = tmp_path / "models"
+    alt = models / "sd-vae/diffusion_pytorch_model.safetensors"
+    alt.parent.mkdir(parents=True)
+    alt.write_bytes(b"safetensors bytes")
+    report = weights.download_weights(models, manifest=manifest, progress=False, landmarks="cascade")
+    assert "sd-vae/diffusion_pytorch_model.bin" in report.skipped
+    assert not (models / "sd-vae/diffusion_pytorch_model.bin").exists()
+    assert server.gets("diffusion_pytorch_model.bin") == []
+    status = next(s for s in weights.check_models_dir(models, manifest=manifest, landmarks="cascade")
+                  if s.entry.path == "sd-vae/diffusion_pytorch_model.bin")
+    assert status.ok and status.path == alt and status.size_ok is None

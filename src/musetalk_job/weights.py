@@ -521,6 +521,9 @@ def download_weights(
         missing: list[tuple[ManifestEntry, str]] = []
         for entry in entries:
             local = check_file(models_dir, entry, verify=verify)
+            if local.present and local.ok and local.path != models_dir / entry.path:
+                report.skipped.append(entry.path)  # an accepted alternative (e.g. .safetensors) is there
+                continue
             if local.present and local.ok and local.size_ok and (entry.sha256 is None or not verify or local.sha256_ok):
                 report.skipped.append(entry.path)  # size known and right: no network needed
                 continue
