@@ -85,7 +85,7 @@ def test_simcc_decoding_of_known_peaks_gives_known_pixels() -> None:
     x_in, y_in = float(locs[0, 0, 0]), float(locs[0, 0, 1])
     assert frame_pts[0, 0, 0] == pytest.approx(x_in / 288 * 800 + 320 - 400, abs=1e-3)
     assert frame_pts[0, 0, 1] == pytest.approx(y_in / 384 * (800 / 0.75) + 240 - 400 / 0.75, abs=1e-3)
-    assert frame_pts.dtype == np.float32
+    assert frame_pts.dtype == np.float64  # mmpose's numpy promotion; official truncates this to int
 
 
 def test_flip_table_is_an_involution_that_swaps_left_and_right() -> None:

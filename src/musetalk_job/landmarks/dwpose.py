@@ -463,7 +463,7 @@ def write_random_checkpoint(path: Path | str, *, size: str = "tiny", seed: int =
 
 @dataclass
 class WholebodyResult:
-    """Per-frame keypoints in frame pixels ``[N,133,2]`` float32 and scores ``[N,133]`` float32."""
+    """Per-frame keypoints in frame pixels ``[N,133,2]`` float64 and scores ``[N,133]`` float32."""
 
     keypoints: np.ndarray
     scores: np.ndarray
@@ -523,7 +523,7 @@ class DWPoseDetector:
         bs = max(1, int(batch_size or self.default_batch_size()))
         center, scale = topdown.frame_center_scale(w, h)
         mat = topdown.warp_matrix(center, scale)
-        kps = np.empty((n, topdown.NUM_KEYPOINTS, 2), dtype=np.float32)
+        kps = np.empty((n, topdown.NUM_KEYPOINTS, 2), dtype=np.float64)
         scores = np.empty((n, topdown.NUM_KEYPOINTS), dtype=np.float32)
         for start in range(0, n, bs):
             stop = min(n, start + bs)

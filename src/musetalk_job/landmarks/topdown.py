@@ -15,7 +15,7 @@ with no person boxes, mmpose 1.1):
 * flip test: the horizontally flipped input's x vectors are reversed and both vectors are
   re-indexed with the COCO-WholeBody flip table, then averaged with the plain pass;
 * keypoints return to frame pixels as ``kp / input_size * scale + centre − scale / 2``
-  (float64 arithmetic, stored as float32, as mmpose's numpy code does).
+  (float64 arithmetic, as mmpose's numpy code does; official truncates that float64 to int).
 
 Everything here is numpy/cv2/torch maths with no model; ``dwpose.py`` runs the network.
 """
@@ -159,7 +159,11 @@ def decode_simcc(simcc_x, simcc_y, split_ratio: float = SIMCC_SPLIT_RATIO):
 def keypoints_to_frame(
     keypoints: np.ndarray, center: np.ndarray, scale: np.ndarray, input_size: tuple[int, int] = INPUT_SIZE
 ) -> np.ndarray:
-    """Network-input keypoints ``[..., 2]`` → frame pixels, float32 (mmpose's arithmetic order)."""
+    """Network-input keypoints ``[..., 2]`` (float32) → frame pixels, float64.
+
+    Same operands and order as mmpose's ``add_pred_to_datasample``: float32 keypoints divided by
+    the integer input size promote to float64 and stay float64, which is what official MuseTalk
+    truncates to int.
+    """
     size = np.asarray(input_size, dtype=np.int64)
-    out = np.asarray(keypoints, dtype=np.float32) / size * scale + center - 0.5 * scale
-    return out.astype(np.float32)
+    return np.asarray(keypoints, dtype=np.float32) / size * scale + center - 0.5 * scale
