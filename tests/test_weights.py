@@ -480,3 +480,18 @@ def test_alternative_format_counts_as_present(hub: tuple[FakeHub, Path, dict[str
     status = next(s for s in weights.check_models_dir(models, manifest=manifest, landmarks="cascade")
                   if s.entry.path == "sd-vae/diffusion_pytorch_model.bin")
     assert status.ok and status.path == alt and status.size_ok is None
+
+
+def test_silent_hub_times_out_within_seconds(tmp_path: Path) -> None:
+    """A hub that accepts connections but never answers: one 5 s metadata timeout, then exit 5."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel completes handshakes; nobody ever reads or answers
+        port = listener.getsockname()[1]
+        t0 = time.monotonic()
+        res = _cli(["download-weights", "--models-dir", str(tmp_path / "m"), "--landmarks", "cascade"],
+                   {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "h")})
+        elapsed = time.monotonic() - t0
+    assert res.returncode == EXIT_MODELS, res.stderr
+    assert weights.CONNECT_TIMEOUT_S <= elapsed < weights.CONNECT_TIMEOUT_S + 20  # one timeout, not one per file
+    assert "unreachable" in res.stderr and res.stderr.count("  missing: ") == 8
