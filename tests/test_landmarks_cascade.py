@@ -94,3 +94,16 @@ def test_blank_and_tiny_frames_have_no_face(detector: CascadeDetector) -> None:
     frames[1] = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
     assert detector.detect(frames) == [None, None]
     assert detector.detect(np.zeros((1, 10, 12, 3), np.uint8)) == [None]
+
+
+def test_tracking_agrees_with_full_scans_and_drops_to_none_on_cuts(detector: CascadeDetector) -> None:
+    img = skimage.data.astronaut()
+    face = [img[10 + i:250 + i, 90 + 3 * i:410 + 3 * i] for i in range(4)]
+    blank = np.full_like(face[0], 90)
+    frames = np.stack([face[0], face[1], blank, face[2], face[3]])
+    tracked = detector.detect(frames)
+    assert tracked[2] is None and all(tracked[i] is not None for i in (0, 1, 3, 4))
+    for i in (0, 1, 3, 4):
+        x, y, s = detector.find_face(frames[i])  # independent full scan
+        alone = box_from_detection(x, y, s, frame_w=320, frame_h=240)
+        assert max(abs(a - b) for a, b in zip(tracked[i], alone)) <= 12

