@@ -189,10 +189,12 @@ class MotoS3:
 
     def client(self):
         import boto3
+        from botocore.config import Config
 
         env = self.env
         return boto3.client(
             "s3",
+            config=Config(signature_version="s3v4"),  # presigned URLs carry X-Amz-Signature
             endpoint_url=self.endpoint,
             aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],

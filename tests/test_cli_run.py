@@ -76,7 +76,8 @@ def assert_failed(run: Run, code: int, *, secrets: tuple[str, ...] = ()) -> None
 
 
 def _signature(url: str) -> str:
-    return parse_qs(urlsplit(url).query)["X-Amz-Signature"][0]
+    query = parse_qs(urlsplit(url).query)
+    return (query.get("X-Amz-Signature") or query["Signature"])[0]
 
 
 def _ffprobe(path: Path) -> dict:
@@ -287,14 +288,30 @@ def test_on_finish_idle_waits_for_sigterm(tmp_path, small_media):
 
 
 # --- full jobs with the real engine ---------------------------------------------------------
+# CPU time matters here (CI has 2 cores): renders use 0.8 s of the speech fixture (20 output
+# frames); the flags run uses a single face image.
+
+
+@pytest.fixture(scope="module")
+def short_speech(speech_wav, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("short") / "speech-0.8s.wav"
+    subprocess.run([FFMPEG or "ffmpeg", "-loglevel", "error", "-i", str(speech_wav), "-t", "0.8", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def face_png(tmp_path_factory) -> Path:
+    from musetalk_job.samples import make_face_image
+
+    return make_face_image(tmp_path_factory.mktemp("img") / "face.png", size=(320, 240))
 
 
 @needs_engine
 @pytest.mark.slow
-def test_env_only_s3_job(tmp_path, s3, tiny_models_dir, face_video, speech_wav):
+def test_env_only_s3_job(tmp_path, s3, tiny_models_dir, face_video, short_speech):
     client = s3.client()
     client.upload_file(str(face_video), "media", "in/face.mp4")
-    client.upload_file(str(speech_wav), "media", "in/speech.wav")
+    client.upload_file(str(short_speech), "media", "in/speech.wav")
     audio_url = client.generate_presigned_url("get_object", Params={"Bucket": "media", "Key": "in/speech.wav"},
                                               ExpiresIn=600)
     workspace = tmp_path / "ws"
@@ -304,7 +321,7 @@ def test_env_only_s3_job(tmp_path, s3, tiny_models_dir, face_video, speech_wav):
     assert run.rc == 0, run.stderr[-4000:]
     local = tmp_path / "env.mp4"
     client.download_file("media", "out/env.mp4", str(local))
-    assert_h264_aac(local, _duration(speech_wav))
+    assert_h264_aac(local, _duration(short_speech))
     stored = json.loads(client.get_object(Bucket="media", Key="out/env.mp4.json")["Body"].read())
     assert stored == run.manifest and stored["job_id"] == "envjob" and stored["status"] == "succeeded"
     assert stored["frames"] > 0 and stored["fps"] == 25.0 and stored["device"] == "cpu"
@@ -316,7 +333,7 @@ def test_env_only_s3_job(tmp_path, s3, tiny_models_dir, face_video, speech_wav):
 
 @needs_engine
 @pytest.mark.slow
-def test_job_file_with_boxes(tmp_path, tiny_models_dir, face_video, speech_wav):
+def test_job_file_with_boxes(tmp_path, tiny_models_dir, face_video, short_speech):
     from musetalk_job.landmarks.boxes import write_boxes_file
     from musetalk_job.media import probe
 
@@ -325,12 +342,12 @@ def test_job_file_with_boxes(tmp_path, tiny_models_dir, face_video, speech_wav):
     write_boxes_file(boxes, [(100, 60, 220, 200)] * n)
     out = tmp_path / "results" / "file.mp4"
     job = tmp_path / "job.json"
-    job.write_text(json.dumps({"video": str(face_video), "audio": str(speech_wav), "output": str(out),
+    job.write_text(json.dumps({"video": str(face_video), "audio": str(short_speech), "output": str(out),
                                "boxes": str(boxes), "job_id": "filejob", "batch_size": 4}))
     run = run_cli(["--job", str(job), "--models-dir", str(tiny_models_dir), "--workdir", str(tmp_path / "ws")],
                   {"MUSETALK_BATCH_SIZE": "2"})
     assert run.rc == 0, run.stderr[-4000:]
-    assert_h264_aac(out, _duration(speech_wav))
+    assert_h264_aac(out, _duration(short_speech))
     manifest = json.loads(Path(str(out) + ".json").read_text())
     assert manifest == run.manifest and manifest["batch_size"] == 4  # file beats env
     assert "landmarks" not in manifest["stage_seconds"] or manifest["stage_seconds"]["landmarks"] < 0.5
@@ -338,16 +355,16 @@ def test_job_file_with_boxes(tmp_path, tiny_models_dir, face_video, speech_wav):
 
 @needs_engine
 @pytest.mark.slow
-def test_flags_with_presigned_put(tmp_path, s3, tiny_models_dir, face_video, speech_wav):
+def test_flags_with_presigned_put(tmp_path, s3, tiny_models_dir, face_png, short_speech):
     client = s3.client()
     put_url = client.generate_presigned_url("put_object", Params={"Bucket": "media", "Key": "out/flags.mp4"},
                                             ExpiresIn=600)
-    run = run_cli(["--video", str(face_video), "--audio", str(speech_wav), "--output", put_url, "--landmarks", "cascade",
-                   "--models-dir", str(tiny_models_dir), "--job-id", "flagjob"], s3.env)
+    run = run_cli(["--video", str(face_png), "--audio", str(short_speech), "--output", put_url, "--landmarks", "cascade",
+                   "--fps", "25", "--models-dir", str(tiny_models_dir), "--job-id", "flagjob"], s3.env)
     assert run.rc == 0, run.stderr[-4000:]
     local = tmp_path / "flags.mp4"
     client.download_file("media", "out/flags.mp4", str(local))
-    assert_h264_aac(local, _duration(speech_wav))
+    assert_h264_aac(local, _duration(short_speech))
     secret = _signature(put_url)
     assert secret not in run.stdout and secret not in run.stderr
     assert run.manifest["output"].endswith("/out/flags.mp4?<redacted>")
