@@ -461,6 +461,25 @@ def write_random_checkpoint(path: Path | str, *, size: str = "tiny", seed: int =
 # =========================================================================== detector
 
 
+class _official_matmul_precision:
+    """On CUDA, run with PyTorch's default matmul precision (no TF32), as official mmpose did;
+    cuDNN convolutions keep PyTorch's default (TF32 allowed), also as official. Restores the
+    process-wide flag afterwards (the engine enables TF32 for the MuseTalk models)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.active = device.type == "cuda"
+        self.saved = False
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.saved = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 @dataclass
 class WholebodyResult:
     """Per-frame keypoints in frame pixels ``[N,133,2]`` float64 and scores ``[N,133]`` float32."""
@@ -505,7 +524,8 @@ class DWPoseDetector:
         std = torch.tensor(topdown.STD_RGB, device=self.device).view(1, 3, 1, 1)
         x = (x - mean) / std
         b = x.shape[0]
-        sx, sy = self.model(torch.cat([x, x.flip(-1)], dim=0))
+        with _official_matmul_precision(self.device):
+            sx, sy = self.model(torch.cat([x, x.flip(-1)], dim=0))
         fx, fy = topdown.flip_simcc(sx[b:], sy[b:], self._flip)
         sx = (sx[:b] + fx) * 0.5
         sy = (sy[:b] + fy) * 0.5
@@ -518,20 +538,32 @@ class DWPoseDetector:
         batch_size: Optional[int] = None,
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> WholebodyResult:
-        """Wholebody keypoints of every frame ``[N,H,W,3]`` RGB uint8, whole frame as the person box."""
+        """Wholebody keypoints of every frame ``[N,H,W,3]`` RGB uint8, whole frame as the person box.
+
+        The CPU warp of the next batch runs in a worker thread (OpenCV releases the GIL) while the
+        device works on the current one.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
         bs = max(1, int(batch_size or self.default_batch_size()))
         center, scale = topdown.frame_center_scale(w, h)
         mat = topdown.warp_matrix(center, scale)
         kps = np.empty((n, topdown.NUM_KEYPOINTS, 2), dtype=np.float64)
         scores = np.empty((n, topdown.NUM_KEYPOINTS), dtype=np.float32)
-        for start in range(0, n, bs):
-            stop = min(n, start + bs)
-            locs, vals = self._forward(topdown.warp_frames(frames[start:stop], mat))
-            kps[start:stop] = topdown.keypoints_to_frame(locs.cpu().numpy(), center, scale)
-            scores[start:stop] = vals.float().cpu().numpy()
-            if progress is not None:
-                progress(stop, n)
+        starts = list(range(0, n, bs))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dwpose-warp") as pool:
+            pending = pool.submit(topdown.warp_frames, frames[0:bs], mat) if starts else None
+            for i, start in enumerate(starts):
+                stop = min(n, start + bs)
+                warped = pending.result()  # type: ignore[union-attr]
+                if i + 1 < len(starts):
+                    pending = pool.submit(topdown.warp_frames, frames[stop:stop + bs], mat)
+                locs, vals = self._forward(warped)
+                kps[start:stop] = topdown.keypoints_to_frame(locs.cpu().numpy(), center, scale)
+                scores[start:stop] = vals.float().cpu().numpy()
+                if progress is not None:
+                    progress(stop, n)
         return WholebodyResult(kps, scores)
 
     def boxes_from_result(self, result: WholebodyResult, *, bbox_shift: int = 0) -> list[Optional[Box]]:
