@@ -316,7 +316,7 @@ def test_env_only_s3_job(tmp_path, s3, tiny_models_dir, face_video, short_speech
                                               ExpiresIn=600)
     workspace = tmp_path / "ws"
     run = run_cli([], {**s3.env, "VIDEO_URL": "s3://media/in/face.mp4", "AUDIO_URL": audio_url,
-                       "OUTPUT_URL": "s3://media/out/env.mp4", "JOB_ID": "envjob", "MUSETALK_LANDMARKS": "cascade",
+                       "OUTPUT_PATH": "s3://media/out/env.mp4", "JOB_ID": "envjob", "MUSETALK_LANDMARKS": "cascade",
                        "MUSETALK_MODELS_DIR": str(tiny_models_dir), "MUSETALK_WORKDIR": str(workspace)})
     assert run.rc == 0, run.stderr[-4000:]
     local = tmp_path / "env.mp4"

@@ -36,7 +36,6 @@ from typing import Any, Callable, Optional
 from . import __version__, storage
 from .errors import (
     EXIT_OK,
-    EXIT_SIGINT,
     EXIT_SIGTERM,
     Cancelled,
     EngineRuntimeError,
@@ -480,5 +479,4 @@ __all__ = [
     "failure_manifest",
     "manifest_line",
     "transfer_policy",
-    "EXIT_SIGINT",
 ]
