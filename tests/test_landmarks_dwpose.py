@@ -117,9 +117,11 @@ def test_loader_accepts_official_wrappers_and_extras(tiny_ckpt: Path, tmp_path: 
     inp = torch.randn(1, 3, 384, 288)
     with torch.inference_mode():
         assert all(torch.equal(u, v) for u, v in zip(a(inp), b(inp)))
-    # a bare state dict works too
+    # a bare state dict works too, also in torch's legacy (pre-zip) format
     torch.save(base, tmp_path / "bare.pth")
     load_model(tmp_path / "bare.pth")
+    torch.save({"state_dict": base}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    load_model(tmp_path / "legacy.pth")
 
 
 def test_loader_is_strict_about_student_keys(tiny_ckpt: Path, tmp_path: Path) -> None:

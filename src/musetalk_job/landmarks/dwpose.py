@@ -348,12 +348,15 @@ def _torch_load(path: Path) -> Any:
     plain containers are ever built from the file.
     """
     import pickle
+    import zipfile
 
+    # mmap: a retry costs no re-read of the (400 MB) file, and tensors we ignore are never paged in
+    mmap = zipfile.is_zipfile(path)
     stand_ins: dict[str, type] = {}
     while True:
         try:
             with torch.serialization.safe_globals([(cls, name) for name, cls in stand_ins.items()]):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             match = _GLOBAL_RE.search(str(exc))
             if match is None or match.group(1) in stand_ins or len(stand_ins) >= 64:
@@ -415,6 +418,7 @@ def load_model(path: Path | str, device: torch.device | str = "cpu") -> RTMPose:
                 parts.append(f"{len(keys)} {name} (e.g. {', '.join(keys[:3])})")
         raise ModelsError(f"DWPose checkpoint {path} does not match RTMPose: {'; '.join(parts)}; download dw-ll_ucoco_384.pth again")
     model.load_state_dict({k: sd[k].to(torch.float32) if sd[k].is_floating_point() else sd[k] for k in expected}, strict=True)
+    del sd  # drop the file mapping before moving to the device
     return model.to(device).eval()
 
 
