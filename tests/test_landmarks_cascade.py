@@ -107,3 +107,14 @@ def test_tracking_agrees_with_full_scans_and_drops_to_none_on_cuts(detector: Cas
         x, y, s = detector.find_face(frames[i])  # independent full scan
         alone = box_from_detection(x, y, s, frame_w=320, frame_h=240)
         assert max(abs(a - b) for a, b in zip(tracked[i], alone)) <= 12
+
+
+def test_repeated_frames_are_analysed_once(detector: CascadeDetector) -> None:
+    img = skimage.data.astronaut()
+    a, b = img[10:250, 90:410], img[14:254, 96:416]
+    frames = np.stack([a, a, a, b, b, a])
+    calls: list[tuple[str, int, int]] = []
+    boxes = detect_boxes(frames, backend="cascade", detector=detector, progress=lambda *x: calls.append(x))
+    assert calls[-1] == ("landmarks", 3, 3)  # three distinct runs
+    assert boxes[0] == boxes[1] == boxes[2] and boxes[3] == boxes[4]
+    assert boxes[3] != boxes[0] and all(bx is not None for bx in boxes)

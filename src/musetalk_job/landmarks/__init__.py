@@ -8,7 +8,8 @@ Contract:
 * ``detect_boxes(frames [N,H,W,3] RGB uint8, *, backend, detector=None, bbox_shift=0,
   batch_size=None, progress=None) -> list[box | None]``: one box per given frame (callers pass
   the distinct input frames once; boxes are reused for every output frame that shows that
-  input frame). ``progress("landmarks", done, total)`` after each batch.
+  input frame). A frame identical to its predecessor is not analysed again: it gets the same
+  box. ``progress("landmarks", done, total)`` after each batch (total = frames analysed).
 * Boxes are ``(x1, y1, x2, y2)`` Python ints before ``extra_margin``; ``None`` = no face, and the
   engine passes such frames through unchanged.
 
@@ -97,7 +98,31 @@ def detect_boxes(
     if progress is not None:
         def cb(done: int, total: int) -> None:
             progress("landmarks", done, total)
-    return list(detector.detect(arr, bbox_shift=bbox_shift, batch_size=batch_size, progress=cb))
+    keep = _distinct_runs(arr)
+    found = list(detector.detect(arr[keep] if len(keep) < len(arr) else arr, bbox_shift=bbox_shift,
+                                 batch_size=batch_size, progress=cb))
+    if len(keep) == len(arr):
+        return found
+    # a frame identical to the one before it (VFR→CFR duplicates, stills) reuses that frame's box
+    out: list = []
+    j = -1
+    for i in range(len(arr)):
+        if j + 1 < len(keep) and keep[j + 1] == i:
+            j += 1
+        out.append(found[j])
+    return out
+
+
+def _distinct_runs(frames: "np.ndarray") -> list[int]:
+    """Indices of frames that differ from their predecessor (a sparse sample is compared first)."""
+    import numpy as np
+
+    keep = [0]
+    for i in range(1, frames.shape[0]):
+        a, b = frames[i], frames[i - 1]
+        if not (np.array_equal(a[::17, ::17], b[::17, ::17]) and np.array_equal(a, b)):
+            keep.append(i)
+    return keep
 
 
 __all__: Sequence[str] = ("BACKENDS", "Detector", "load_detector", "detect_boxes")
