@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,11 +99,16 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def inputs(s3, face_video, speech_wav, tmp_path_factory) -> dict[str, str]:
+def inputs(s3, face_video, tmp_path_factory) -> dict[str, str]:
     """Face video, speech, a boxes file and a corrupt video in S3 (plus a presigned GET URL of
     the speech, which points at loopback and so must be refused in serve mode)."""
     from musetalk_job.media import probe
+    from musetalk_job.samples import make_speech
 
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    # Short speech keeps the CPU jobs short: the output has as many frames as the audio.
+    speech_wav = make_speech(tmp_path_factory.mktemp("serve-audio") / "short.wav", text="Hi there.", seconds=0.8)
     client = s3.client()
     client.upload_file(str(face_video), "media", "in/face.mp4")
     client.upload_file(str(speech_wav), "media", "in/speech.wav")
@@ -191,7 +197,7 @@ def test_loopback_presigned_url_is_refused_and_redacted(server, inputs):
 @pytest.mark.slow
 def test_job_end_to_end_with_probes_and_busy(server, s3, inputs, tmp_path):
     job = {"video": inputs["video"], "audio": inputs["audio"], "boxes": inputs["boxes"],
-           "output": "s3://media/out/e2e.mp4", "batch_size": 1}
+           "output": "s3://media/out/e2e.mp4", "batch_size": 4}
     result: dict[str, Any] = {}
     poster = threading.Thread(target=lambda: result.update(resp=server.post(job, job_id="e2e-job-1")))
     poster.start()
@@ -241,7 +247,8 @@ def test_s3_unreachable_is_5xx(tmp_path, inputs):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
-    env = {**MotoS3().env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{dead_port}"}
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{dead_port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+           "AWS_DEFAULT_REGION": "us-east-1"}
     served = Served(["--preload", "", "--workdir", str(tmp_path)], env)
     try:
         served.wait_started(60)
@@ -262,7 +269,7 @@ def test_s3_unreachable_is_5xx(tmp_path, inputs):
 @pytest.mark.slow
 def test_sigterm_mid_job_leaves_no_output(server, s3, inputs):
     job = {"video": inputs["video"], "audio": inputs["audio"], "boxes": inputs["boxes"],
-           "output": "s3://media/out/sigterm.mp4", "batch_size": 1, "job_id": "sigterm-job"}
+           "output": "s3://media/out/sigterm.mp4", "batch_size": 2, "job_id": "sigterm-job"}
     result: dict[str, Any] = {}
 
     def post() -> None:
