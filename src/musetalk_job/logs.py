@@ -190,17 +190,23 @@ class Reporter:
         self._write(json.dumps(entry, default=str))
 
     def _tty(self, stage: str, done: int, total: int) -> None:
+        import shutil
+
         from tqdm import tqdm
 
         if self._bar is None or self._stage != stage:
             self._close_bar()
             self._stage = stage
+            # A pty without a size (e.g. under `script`, some CI runners) reports 0x0, and tqdm
+            # then draws nothing: use the fallback size.
+            size = shutil.get_terminal_size(fallback=(100, 24))
             self._bar = tqdm(
                 total=total or None,
                 desc=f"{stage:<9}",
                 file=self.stream,
                 leave=True,
-                dynamic_ncols=True,
+                ncols=min(size.columns or 100, 120),
+                nrows=size.lines or 24,
                 unit="it",
             )
         bar = self._bar
