@@ -46,6 +46,7 @@ NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 30.0
+DEFAULT_MIN_INTERVAL_S = 0.25  # 240 requests/minute per API key
 
 
 class SaladApiError(JobError):
@@ -105,7 +106,7 @@ class SaladClient:
         timeout_s: float = 30.0,
         retries: int = 4,
         retry_base_s: float = 1.0,
-        min_interval_s: float = 0.25,
+        min_interval_s: Optional[float] = None,
         session: Any = None,
     ) -> None:
         if not api_key:
@@ -117,7 +118,7 @@ class SaladClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.retry_base_s = retry_base_s
-        self.min_interval_s = min_interval_s
+        self.min_interval_s = DEFAULT_MIN_INTERVAL_S if min_interval_s is None else min_interval_s
         self._session = session
         self._lock = threading.Lock()
         self._last_request = 0.0
