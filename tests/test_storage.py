@@ -76,8 +76,12 @@ def test_check_location_forms():
 
 
 def test_fetch_ok_streams_to_disk(http, tmp_path):
-    out = storage.fetch(http.url("/ok/clip.bin?X-Amz-Signature=s1"), tmp_path / "v.bin", FAST, what="video")
+    seen: list[tuple[int, int]] = []
+    out = storage.fetch(http.url("/ok/clip.bin?X-Amz-Signature=s1"), tmp_path / "v.bin", FAST, what="video",
+                        progress=lambda done, total: seen.append((done, total)))
     assert out.read_bytes() == PAYLOAD
+    assert len(seen) > 1 and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
 def test_fetch_chunked_body(http, tmp_path):

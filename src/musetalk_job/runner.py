@@ -334,7 +334,7 @@ def run_job(
             return fn()
         finally:
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.monotonic() - t0
-            if stage in ("fetch", "probe", "upload") and reporter is not None:
+            if stage in ("probe", "upload") and reporter is not None:
                 reporter.progress(stage, 1, 1)
 
     def check_stop() -> None:
@@ -361,18 +361,19 @@ def run_job(
                 f"cannot create the job workspace {workdir}: {exc.strerror}; check --workdir and free disk space"
             ) from None
 
-        def fetch_all() -> tuple[Path, Path, Optional[Path]]:
-            video = storage.fetch(
-                spec.video, workdir / "inputs" / ("video" + storage.suffix_of(spec.video)), policy, cancel=stop, what="video"
-            )
+        def fetch_one(url: str, name: str, what: str) -> Path:
             check_stop()
-            audio = storage.fetch(
-                spec.audio, workdir / "inputs" / ("audio" + storage.suffix_of(spec.audio)), policy, cancel=stop, what="audio"
-            )
-            boxes = None
-            if spec.boxes:
-                check_stop()
-                boxes = storage.fetch(spec.boxes, workdir / "inputs" / "boxes.json", policy, cancel=stop, what="boxes")
+
+            def byte_progress(done: int, total: int) -> None:
+                if reporter is not None:
+                    reporter.progress("fetch", done, total)
+
+            return storage.fetch(url, workdir / "inputs" / name, policy, cancel=stop, what=what, progress=byte_progress)
+
+        def fetch_all() -> tuple[Path, Path, Optional[Path]]:
+            video = fetch_one(spec.video, "video" + storage.suffix_of(spec.video), "video")
+            audio = fetch_one(spec.audio, "audio" + storage.suffix_of(spec.audio), "audio")
+            boxes = fetch_one(spec.boxes, "boxes.json", "boxes") if spec.boxes else None
             return video, audio, boxes
 
         video, audio, boxes = timed("fetch", fetch_all)

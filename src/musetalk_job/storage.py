@@ -266,8 +266,19 @@ def _with_retries(fn: Callable[[], Any], *, policy: TransferPolicy, cancel: Opti
                 time.sleep(delay)
 
 
+ByteProgress = Callable[[int, int], None]  # (bytes done, bytes total or 0 when unknown)
+
+
 def _copy_stream(
-    src: IO[bytes] | Iterator[bytes], dest: Path, *, max_bytes: int, cancel: Optional[threading.Event], what: str, url: str
+    src: IO[bytes] | Iterator[bytes],
+    dest: Path,
+    *,
+    max_bytes: int,
+    cancel: Optional[threading.Event],
+    what: str,
+    url: str,
+    progress: Optional[ByteProgress] = None,
+    expected: int = 0,
 ) -> int:
     """Write chunks to ``dest`` (truncating), enforcing the size cap; returns bytes written."""
     total = 0
@@ -285,6 +296,8 @@ def _copy_stream(
                     "send a smaller file or raise max_input_mb"
                 )
             out.write(chunk)
+            if progress is not None:
+                progress(total, expected)
     return total
 
 
@@ -356,7 +369,7 @@ def _http_status_error(resp, what: str, url: str, action: str) -> None:
     raise InputMediaError(f"{what}: {action} {redact_url(url)} returned HTTP {code} ({hint})")
 
 
-def _http_fetch(url: str, dest: Path, policy: TransferPolicy, cancel, what: str) -> int:
+def _http_fetch(url: str, dest: Path, policy: TransferPolicy, cancel, what: str, progress=None) -> int:
     import requests
 
     session = _http_session()
@@ -371,9 +384,17 @@ def _http_fetch(url: str, dest: Path, policy: TransferPolicy, cancel, what: str)
                     f"{what}: {redact_url(url)} is {int(length) / 1e6:.0f} MB, over the "
                     f"{policy.max_bytes / 1e6:.0f} MB limit; send a smaller file or raise max_input_mb"
                 )
+            expected = int(length) if length and length.isdigit() else 0
             try:
                 return _copy_stream(
-                    resp.iter_content(CHUNK), dest, max_bytes=policy.max_bytes, cancel=cancel, what=what, url=url
+                    resp.iter_content(CHUNK),
+                    dest,
+                    max_bytes=policy.max_bytes,
+                    cancel=cancel,
+                    what=what,
+                    url=url,
+                    progress=progress,
+                    expected=expected,
                 )
             except (requests.RequestException, OSError) as exc:
                 if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)) and exc.errno:
@@ -499,7 +520,7 @@ def _fs_call(fn: Callable[[], Any], what: str, url: str, action: str) -> Any:
         raise _classify_fs_error(exc, what, url, action) from None
 
 
-def _fsspec_fetch(url: str, dest: Path, policy: TransferPolicy, cancel, what: str) -> int:
+def _fsspec_fetch(url: str, dest: Path, policy: TransferPolicy, cancel, what: str, progress=None) -> int:
     def attempt() -> int:
         fs, path = _fs(url, policy)
         info = _fs_call(lambda: fs.info(path), what, url, "reading")
@@ -514,7 +535,16 @@ def _fsspec_fetch(url: str, dest: Path, policy: TransferPolicy, cancel, what: st
 
         def copy() -> int:
             with fs.open(path, "rb", block_size=8 * CHUNK) as src:
-                return _copy_stream(src, dest, max_bytes=policy.max_bytes, cancel=cancel, what=what, url=url)
+                return _copy_stream(
+                    src,
+                    dest,
+                    max_bytes=policy.max_bytes,
+                    cancel=cancel,
+                    what=what,
+                    url=url,
+                    progress=progress,
+                    expected=int(size or 0),
+                )
 
         return _fs_call(copy, what, url, "reading")
 
@@ -532,9 +562,11 @@ def fetch(
     *,
     cancel: Optional[threading.Event] = None,
     what: str = "input",
+    progress: Optional[ByteProgress] = None,
 ) -> Path:
     """Make ``url`` available as a local file. Remote inputs are streamed to ``dest``; a local
-    input is checked and returned in place (no copy). Returns the local path."""
+    input is checked and returned in place (no copy). Returns the local path.
+    ``progress(bytes_done, bytes_total)`` is called per chunk (total 0 when unknown)."""
     kind = location_kind(url)
     if kind == "local":
         path = _check_local_allowed(local_path(url), policy, what)
@@ -551,9 +583,9 @@ def fetch(
         return path
     dest.parent.mkdir(parents=True, exist_ok=True)
     if kind == "http":
-        _http_fetch(url, dest, policy, cancel, what)
+        _http_fetch(url, dest, policy, cancel, what, progress)
     else:
-        _fsspec_fetch(url, dest, policy, cancel, what)
+        _fsspec_fetch(url, dest, policy, cancel, what, progress)
     return dest
 
 
