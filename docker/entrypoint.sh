@@ -49,9 +49,9 @@ case "${mode}" in
     if [ "${worker}" = "1" ]; then
       "${SALAD_WORKER_BIN:-/usr/local/bin/salad-http-job-queue-worker}" &
       pids+=("$!")
-      log "started musetalk-job serve (pid ${pids[0]}) and the job queue worker (pid ${pids[1]})"
+      log "started the server (pid ${pids[0]}) and the job queue worker (pid ${pids[1]})"
     else
-      log "started musetalk-job serve (pid ${pids[0]}); job queue worker not started (not on SaladCloud)"
+      log "started the server (pid ${pids[0]}); job queue worker not started (not on SaladCloud)"
     fi
     status=0
     wait -n "${pids[@]}" || status=$?

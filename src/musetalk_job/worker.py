@@ -75,6 +75,8 @@ SERVE_ENV = {
     "preload_landmarks": "MUSETALK_SERVE_LANDMARKS",
     "min_free_vram_gb": "MUSETALK_MIN_FREE_VRAM_GB",
 }
+# Read by docker/entrypoint.sh, not by Python.
+ENTRYPOINT_ENV = frozenset({"MUSETALK_MODE", "MUSETALK_FETCH_WEIGHTS", "MUSETALK_QUEUE_WORKER"})
 STATUS_FOR_EXIT = {
     EXIT_OK: 200,
     EXIT_SPEC: 422,
@@ -405,7 +407,7 @@ def main(args: argparse.Namespace) -> int:
         settings.refuse_private_addresses = True
         setup_logging(settings.log_format)
         for warning in unknown_env_warnings(os.environ):
-            if not any(name in warning for name in SERVE_ENV.values()):
+            if not any(f" {name} " in warning for name in (*SERVE_ENV.values(), *ENTRYPOINT_ENV)):
                 log.warning(warning)
         state = WorkerState(settings, options, Imds.detect())
         try:

@@ -598,6 +598,7 @@ def cmd_deploy_jobs(args: argparse.Namespace) -> int:
         name = check_name(f"{args.name_prefix}-{line.number}", "container group name (prefix + line)")
         env = {**job_env(line.job), **extra}
         env.setdefault("JOB_ID", name)
+        env["MUSETALK_SKIP_EXISTING"] = "true"  # a restarted container must find the output and do nothing
         if not args.no_api_key_in_env and os.environ.get(API_KEY_ENV):
             env[API_KEY_ENV] = os.environ[API_KEY_ENV]
         elif (template.get("container") or {}).get("environment_variables", {}).get("MUSETALK_ON_FINISH") == "stop-group":
