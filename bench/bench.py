@@ -120,12 +120,24 @@ def make_media(media: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- GPU helpers
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _cuda_time(fn: Callable[[], Any], warmup: int = 2, iters: int = 5) -> float:
-    """Mean seconds per call, by CUDA events around ``iters`` calls after ``warmup``."""
+    """Mean seconds per call: CUDA events around ``iters`` calls after ``warmup`` (wall clock on CPU)."""
     import torch
 
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t) / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -191,8 +203,6 @@ def micro(pipe: Any, batch: int) -> dict[str, Any]:
 
 
 def landmark_fps(pipe: Any, frames: np.ndarray, batch_sizes: list[int]) -> dict[str, Any]:
-    import torch
-
     from musetalk_job.landmarks import detect_boxes
 
     out: dict[str, Any] = {}
@@ -207,10 +217,10 @@ def landmark_fps(pipe: Any, frames: np.ndarray, batch_sizes: list[int]) -> dict[
         for bs in sizes:
             sub = frames if backend == "dwpose" else frames[:50]
             detect_boxes(sub[: min(8, len(sub))], backend=backend, detector=det, batch_size=bs)  # warm-up
-            torch.cuda.synchronize()
+            _sync()
             t = time.perf_counter()
             boxes = detect_boxes(sub, backend=backend, detector=det, batch_size=bs)
-            torch.cuda.synchronize()
+            _sync()
             s = time.perf_counter() - t
             res[f"batch_{bs}"] = {"frames": len(sub), "seconds": round(s, 3), "fps": round(len(sub) / s, 1),
                                   "faces": sum(b is not None for b in boxes)}
@@ -218,26 +228,38 @@ def landmark_fps(pipe: Any, frames: np.ndarray, batch_sizes: list[int]) -> dict[
     return out
 
 
-def w1_run(pipe: Any, media: Path, out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
+def w1_run(pipe: Any, video: Path, audio: Path, boxes: Path, out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
     import torch
 
     from musetalk_job.options import EngineOptions
 
-    options = EngineOptions(boxes_file=media / BOXES_NAME, **opts)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    options = EngineOptions(boxes_file=boxes, **opts)
+    cuda = torch.cuda.is_available()
+    _sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    result = pipe.run(media / VIDEO_NAME, media / AUDIO_NAME, out_dir / f"w1_{label}.mp4", options)
+    result = pipe.run(video, audio, out_dir / f"w1_{label}.mp4", options)
     wall = time.perf_counter() - t
     stats = result.stats()
     stats.update(
         wall_s=round(wall, 3),
         output_fps=round(result.frames / wall, 1),
-        peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         detail={k: (round(v, 4) if isinstance(v, float) else v) for k, v in pipe.last_timings.items()},
         options={k: str(v) for k, v in opts.items()},
     )
     return stats
+
+
+def trimmed_audio(src: Path, dst: Path, seconds: float) -> Path:
+    with wave.open(str(src), "rb") as r:
+        params = r.getparams()
+        data = r.readframes(int(seconds * params.framerate))
+    with wave.open(str(dst), "wb") as w:
+        w.setparams(params)
+        w.writeframes(data)
+    return dst
 
 
 def floors(run: dict[str, Any], ceil: dict[str, Any], mic: dict[str, Any]) -> dict[str, Any]:
@@ -275,57 +297,65 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from musetalk_job.models.random_weights import write_random_weights
     from musetalk_job.pipeline import Pipeline
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench: no CUDA device; this benchmark is for a GPU machine")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench: no CUDA device; use --device cpu --size tiny for a smoke run")
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": args.commit or _commit(),
-        "gpu": torch.cuda.get_device_name(0),
-        "gpu_mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "weights": f"random, {args.size}",
     }
 
     def save() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2))
 
     report["media"] = make_media(args.media)
-    report["ceilings"] = ceilings()
+    out_dir = Path(args.work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    video, boxes = args.media / VIDEO_NAME, args.media / BOXES_NAME
+    audio = args.media / AUDIO_NAME
+    if args.audio_seconds:
+        audio = trimmed_audio(audio, out_dir / "speech_trimmed.wav", args.audio_seconds)
+    if cuda:
+        report["ceilings"] = ceilings()
     save()
 
     models = Path(args.models)
     t = time.perf_counter()
     if not (models / "musetalkV15" / "unet.pth").exists():
-        write_random_weights(models, size="full", version="v15", seed=0)
+        write_random_weights(models, size=args.size, version="v15", seed=0)
         report["weights_write_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
-    pipe = Pipeline.from_models_dir(models, device="cuda", dtype=args.dtype, version="v15")
-    torch.cuda.synchronize()
+    pipe = Pipeline.from_models_dir(models, device=args.device, dtype=args.dtype if cuda else None, version="v15")
+    _sync()
     report["model_load_s"] = round(time.perf_counter() - t, 2)
     report["dtype"] = str(pipe.dtype).replace("torch.", "")
     save()
 
-    out_dir = Path(args.work)
-    out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Any] = {}
     report["w1"] = runs
-    runs["cold"] = w1_run(pipe, args.media, out_dir, "cold", batch_size=args.batch_size)
+    runs["cold"] = w1_run(pipe, video, audio, boxes, out_dir, "cold", batch_size=args.batch_size)
     save()
-    runs["warm"] = w1_run(pipe, args.media, out_dir, "warm", batch_size=args.batch_size)
+    runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
     save()
     if args.fast_preset:
         runs["warm_preset_" + args.fast_preset] = w1_run(
-            pipe, args.media, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
+            pipe, video, audio, boxes, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
         )
         save()
     batch = runs["warm"]["batch_size"]
     report["micro"] = micro(pipe, batch)
-    report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
+    if cuda:
+        report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
     save()
-    frames = read_frames(args.media / VIDEO_NAME).frames
-    report["landmarks"] = landmark_fps(pipe, frames, args.landmark_batches)
+    frames = read_frames(video).frames
+    report["landmarks"] = landmark_fps(pipe, frames if cuda else frames[:16], args.landmark_batches)
     save()
     return report
 
@@ -338,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="/tmp/musetalk-bench-models", help="models dir (random full weights written if missing)")
     p.add_argument("--work", default="/tmp/musetalk-bench-out", help="where the output videos go")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run with --size tiny)")
+    p.add_argument("--size", default="full", choices=["full", "tiny"], help="random weights size")
+    p.add_argument("--audio-seconds", type=float, default=None, help="trim the speech (smoke runs)")
     p.add_argument("--batch-size", type=int, default=None, help="default: chosen from free GPU memory")
     p.add_argument("--fast-preset", default="veryfast", help="an extra warm run with this x264 preset ('' to skip)")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])

@@ -162,17 +162,26 @@ def test_result_reports_stages_and_boxes(lossless_run, boxes_file: Path) -> None
     json.dumps(result.stats())
 
 
-def test_batch_size_does_not_change_the_output(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
-    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.5)  # 12 frames: batches 5, 5, 2
-    a = pipe.run(face_video, short, tmp_path / "b1.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=1))
-    b = pipe.run(face_video, short, tmp_path / "b5.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=5))
-    fa, fb = _read(a.output), _read(b.output)
-    assert fa.shape[0] == fb.shape[0] == 12
-    # oneDNN may pick a different convolution blocking per batch shape: allow float rounding
-    # to flip a rare pixel by one level, nothing more (a batching bug would change whole faces).
-    diff = np.abs(fa.astype(np.int16) - fb.astype(np.int16))
-    assert diff.max() <= 1
-    assert (diff > 0).mean() < 1e-4
+def test_batch_size_and_padding_do_not_change_the_output(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.5)  # 12 frames, 10 with a face
+    outputs = []
+    # (batch, padded): 1 frame at a time; batches 5+5+2 (face-less frames 5, 6 inside one);
+    # one batch of 12 whose 10 faces are padded to 14 and VAE-encode chunks 7+3 padded to 7+4.
+    for batch, pad in ((1, False), (5, False), (14, True)):
+        pipe.pad_batches = pad
+        try:
+            r = pipe.run(face_video, short, tmp_path / f"b{batch}.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=batch))
+        finally:
+            pipe.pad_batches = False
+        outputs.append(_read(r.output))
+    assert outputs[0].shape[0] == 12
+    for other in outputs[1:]:
+        assert other.shape == outputs[0].shape
+        # oneDNN may pick a different convolution blocking per batch shape: allow float rounding
+        # to flip a rare pixel by one level, nothing more (a batching bug would change whole faces).
+        diff = np.abs(outputs[0].astype(np.int16) - other.astype(np.int16))
+        assert diff.max() <= 1
+        assert (diff > 0).mean() < 1e-4
 
 
 def test_short_audio_analyses_only_the_frames_it_uses(pipe, face_video, speech_wav, frames_in, tmp_path) -> None:

@@ -45,15 +45,17 @@ def crop_faces(frames: np.ndarray | Sequence[np.ndarray], boxes: Sequence[Box]) 
 
 def _to_model_input(crops: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 NHWC → (masked, full) NCHW in [-1, 1]; the arithmetic is fp32 as upstream, then cast."""
-    x = crops.permute(0, 3, 1, 2).float() / 255.0
+    x = crops.permute(0, 3, 1, 2).contiguous().float() / 255.0  # NCHW-contiguous: NHWC strides slow the CPU convs
     masked = x.clone()
     masked[:, :, FACE_SIZE // 2 :, :] = 0.0
     return ((masked - 0.5) / 0.5).to(dtype), ((x - 0.5) / 0.5).to(dtype)
 
 
 @torch.inference_mode()
-def encode_faces(vae: torch.nn.Module, crops: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """VAE-encode uint8 crops ``[N,256,256,3]`` → ``[N,8,32,32]`` ([masked, reference] channels)."""
+def encode_faces(vae: torch.nn.Module, crops: torch.Tensor, batch_size: int, *, pad: bool = False) -> torch.Tensor:
+    """VAE-encode uint8 crops ``[N,256,256,3]`` → ``[N,8,32,32]`` ([masked, reference] channels).
+
+    ``pad``: run a ragged last chunk padded to the next power of two (at most ``batch_size``)."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     scale = scaling_factor(vae)
@@ -62,12 +64,18 @@ def encode_faces(vae: torch.nn.Module, crops: torch.Tensor, batch_size: int) -> 
     step = max(1, batch_size)
     for start in range(0, n, step):
         chunk = crops[start : start + step].to(device, non_blocking=True)
+        b = chunk.shape[0]
+        if pad and b < step:
+            # A ragged tail padded (repeating its last crop) to the next power of two, at most
+            # ``step``: fewer distinct shapes for cudnn.benchmark to tune.
+            padded = min(step, 1 << (b - 1).bit_length())
+            chunk = torch.cat([chunk, chunk[-1:].expand(padded - b, *chunk.shape[1:])])
         masked, full = _to_model_input(chunk, dtype)
         # One encoder call for both halves: better occupancy than two calls of half the size.
         mean = vae.encode(torch.cat([masked, full], dim=0)).latent_dist.mean * scale
-        b = chunk.shape[0]
+        p = chunk.shape[0]
         out[start : start + b, :4] = mean[:b]
-        out[start : start + b, 4:] = mean[b:]
+        out[start : start + b, 4:] = mean[p : p + b]
     return out
 
 

@@ -166,6 +166,9 @@ class Pipeline:
         self._detector_lock = threading.Lock()
         self._timestep = torch.zeros(1, dtype=torch.long, device=self.device)
         self.last_timings: dict[str, float] = {}  # detail of the last generate() for benchmarks
+        # Pad ragged batches to a few fixed shapes (see _bucket): on CUDA cudnn.benchmark tunes
+        # every new shape once; on CPU there is nothing to gain.
+        self.pad_batches = self.device.type == "cuda"
 
     @classmethod
     def from_models_dir(
@@ -320,7 +323,7 @@ class Pipeline:
             if self.device.type == "cuda":
                 crops_t = crops_t.pin_memory()
             latents = self._with_oom_retry(
-                lambda b: encode_faces(self.models.vae, crops_t, b), max(1, batch // _ENCODE_BATCH_FACTOR), "VAE encode"
+                lambda b: encode_faces(self.models.vae, crops_t, b, pad=self.pad_batches), max(1, batch // _ENCODE_BATCH_FACTOR), "VAE encode"
             )
             if progress is not None:
                 progress("latents", len(face_idx), len(face_idx))
@@ -388,39 +391,43 @@ class Pipeline:
         prep: PreparedVideo,
         frames_dev: Optional[torch.Tensor],
         audio: torch.Tensor,
-        out_idx: np.ndarray,
-        in_idx: np.ndarray,
+        plan: "_Plan",
+        start: int,
+        stop: int,
         timer: "_GpuTimer",
     ) -> torch.Tensor:
-        """One batch of output frames, composited, as uint8 ``[B,H,W,3]`` on the device."""
-        rows = prep.face_rows[in_idx]
-        has_face = rows >= 0
-        h, w = prep.frames.shape[1], prep.frames.shape[2]
+        """Output frames ``start..stop-1``, composited, as uint8 ``[B,H,W,3]`` on the device.
+
+        Index tensors live on the device (``plan``): nothing here waits for the GPU.
+        """
+        in_idx = plan.in_idx[start:stop]
         if frames_dev is not None:
-            idx_t = torch.from_numpy(in_idx).to(frames_dev.device)
-            frames_b = frames_dev.index_select(0, idx_t)
+            frames_b = frames_dev.index_select(0, plan.in_idx_dev[start:stop])
         else:
             host = torch.from_numpy(prep.frames[in_idx]).pin_memory()
             frames_b = host.to(self.device, non_blocking=True)
-        if not has_face.any():
+        a, b = np.searchsorted(plan.face_out, [start, stop])  # output frames of this batch with a face
+        n_face = int(b - a)
+        if n_face == 0:
             return frames_b
         timer.mark("generate_start")
-        sel = np.nonzero(has_face)[0]
-        rows_t = torch.from_numpy(rows[sel]).to(self.device)
-        latents = prep.latents.index_select(0, rows_t)
-        cond = audio.index_select(0, torch.from_numpy(out_idx[sel]).to(self.device))
+        # Pad the face batch to a bucket size (CUDA) so a few fixed shapes cover every batch:
+        # cudnn.benchmark tunes each new shape once, and ragged tails would add shapes.
+        padded = _bucket(n_face, plan.batch) if self.pad_batches else n_face
+        take = torch.arange(a, a + padded, device=self.device).clamp_(max=b - 1)
+        latents = prep.latents.index_select(0, plan.face_rows_dev.index_select(0, take))
+        cond = audio.index_select(0, plan.face_out_dev.index_select(0, take))
         pred = self.models.unet(latents, self._timestep, encoder_hidden_states=cond).sample
-        faces_sel = decode_latents(self.models.vae, pred)
+        faces_sel = decode_latents(self.models.vae, pred)[:n_face]
         timer.mark("generate_end")
-        if len(sel) == len(in_idx):
+        if n_face == stop - start:
             faces = faces_sel
         else:
-            faces = torch.zeros((len(in_idx), *faces_sel.shape[1:]), dtype=torch.uint8, device=self.device)
-            faces[torch.from_numpy(sel).to(self.device)] = faces_sel
+            faces = torch.zeros((stop - start, *faces_sel.shape[1:]), dtype=torch.uint8, device=self.device)
+            faces.index_copy_(0, plan.face_out_dev[a:b] - start, faces_sel)
         from .blending import composite
 
-        masks = [prep.masks[j] for j in in_idx]
-        out = composite(frames_b, faces, masks)
+        out = composite(frames_b, faces, [prep.masks[j] for j in in_idx])
         timer.mark("blend_end")
         return out
 
@@ -439,7 +446,7 @@ class Pipeline:
         """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used."""
         st = stages or _Stages(self.device)
         total = int(audio.shape[0])
-        in_all = pingpong_indices(total, prep.n_used)
+        plan = _Plan.build(prep, total, batch_size, self.device)
         frames_dev = self._frame_upload(prep.frames[: prep.n_used])
         timer = _GpuTimer(self.device)
         pending: Optional[tuple[torch.Tensor, Any]] = None  # (host tensor, copy-done event)
@@ -450,10 +457,9 @@ class Pipeline:
         while start < total:
             _check_cancel(cancel)
             stop = min(total, start + batch)
-            out_idx = np.arange(start, stop)
             try:
                 timer.begin()
-                out_dev = self._generate_batch(prep, frames_dev, audio, out_idx, in_all[start:stop], timer)
+                out_dev = self._generate_batch(prep, frames_dev, audio, plan, start, stop, timer)
                 timer.end()
             except torch.cuda.OutOfMemoryError:
                 timer.discard()
@@ -462,7 +468,7 @@ class Pipeline:
                     raise EngineRuntimeError(
                         "out of GPU memory while generating even at batch size 1; free the GPU or use a larger one"
                     ) from None
-                batch = max(1, batch // 2)
+                batch = plan.batch = max(1, batch // 2)
                 log.warning("out of GPU memory while generating; retrying with batch size %d", batch)
                 continue
             host, event = self._to_host(out_dev)
@@ -604,6 +610,37 @@ class Pipeline:
                 f"{fps:.3f} fps; use at least {1 / fps:.3f} s of audio"
             )
         return n
+
+
+def _bucket(n: int, batch: int) -> int:
+    """The padded batch for ``n`` items: the next power of two, or ``batch`` when that is smaller."""
+    return min(max(batch, n), 1 << (n - 1).bit_length())
+
+
+@dataclass
+class _Plan:
+    """Which input frame and which latent row each output frame uses, on host and device."""
+
+    in_idx: np.ndarray  # [T] input frame per output frame (ping-pong)
+    in_idx_dev: torch.Tensor
+    face_out: np.ndarray  # sorted output indices whose input frame has a face
+    face_out_dev: torch.Tensor
+    face_rows_dev: torch.Tensor  # latent row for each entry of face_out
+    batch: int
+
+    @classmethod
+    def build(cls, prep: PreparedVideo, total: int, batch: int, device: torch.device) -> "_Plan":
+        in_idx = pingpong_indices(total, prep.n_used)
+        rows = prep.face_rows[in_idx]
+        face_out = np.nonzero(rows >= 0)[0]
+        return cls(
+            in_idx=in_idx,
+            in_idx_dev=torch.from_numpy(in_idx).to(device),
+            face_out=face_out,
+            face_out_dev=torch.from_numpy(face_out).to(device),
+            face_rows_dev=torch.from_numpy(rows[face_out]).to(device),
+            batch=batch,
+        )
 
 
 def _abort(writer: Any) -> None:
