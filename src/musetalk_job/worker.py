@@ -103,7 +103,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--allow-dir", action="append", default=None, metavar="DIR",
                         help=f"allow local paths / file:// under DIR (repeatable; default: none) [env {SERVE_ENV['allow_dir']}]")
     parser.add_argument("--preload", default=None, metavar="VERSIONS",
-                        help=f"model versions loaded at start, comma-separated (default v15) [env {SERVE_ENV['preload']}]")
+                        help=f"model versions loaded at start, comma-separated; '' loads on the first job (default v15) "
+                        f"[env {SERVE_ENV['preload']}]")
     parser.add_argument("--preload-landmarks", default=None, metavar="{dwpose,cascade,none}",
                         help=f"landmark detector loaded at start (default dwpose) [env {SERVE_ENV['preload_landmarks']}]")
     parser.add_argument("--min-free-vram-gb", type=float, default=None,
@@ -175,6 +176,7 @@ class WorkerState:
         self.current_token: Any = None
         self.current_job: Optional[str] = None
         self.jobs_done = 0
+        self.on_gpu = False  # the node check found a working CUDA device
 
     # -- start-up (runs in its own thread) ----------------------------------------------
 
@@ -196,6 +198,7 @@ class WorkerState:
                 raise EngineRuntimeError(f"this node cannot run jobs: {problem}")
             if problem:
                 log.warning("no usable GPU (%s); serving on %s", problem, self.settings.device or "cpu")
+            self.on_gpu = problem is None and not (self.settings.device or "").startswith("cpu")
             if self.imds is not None:
                 imds_mod.quietly(self.imds.set_deletion_cost, imds_mod.IDLE_DELETION_COST)
             self.started.set()
@@ -203,6 +206,20 @@ class WorkerState:
             self.fatal = exc
         except Exception as exc:  # noqa: BLE001 - report, exit with code 6
             self.fatal = EngineRuntimeError(f"start-up failed: {type(exc).__name__}: {exc}")
+
+    def recheck_gpu(self) -> None:
+        """After a runtime failure on a GPU node: if CUDA itself no longer works, stop taking
+        jobs and ask SaladCloud to move this instance (a broken GPU would fail every job)."""
+        from .salad import imds as imds_mod
+
+        if not self.on_gpu:
+            return
+        problem = imds_mod.check_gpu(self.settings.device, 0)
+        if problem:
+            self.broken = problem
+            log.error("GPU check after a failed job: %s; reporting not ready", problem)
+            if self.imds is not None:
+                imds_mod.quietly(self.imds.reallocate, f"musetalk-job: {problem}")
 
     @property
     def ready(self) -> bool:
@@ -244,6 +261,8 @@ class WorkerState:
         if outcome.exit_code == EXIT_MODELS:
             self.broken = outcome.error.message if outcome.error else "models failed"
             log.error("models failed during job %s; this server reports not ready from now on", spec.job_id)
+        elif outcome.exit_code == EXIT_RUNTIME:
+            self.recheck_gpu()
         if outcome.error is not None:
             return self.failure(outcome.error, outcome.manifest)
         manifest = outcome.manifest
