@@ -241,7 +241,12 @@ def w1_run(pipe: Any, video: Path, audio: Path, boxes: Path, out_dir: Path, labe
     t = time.perf_counter()
     result = pipe.run(video, audio, out_dir / f"w1_{label}.mp4", options)
     wall = time.perf_counter() - t
+    from musetalk_job.media import probe
+
+    info = probe(result.output)
     stats = result.stats()
+    stats["output_probe"] = {"duration_s": info.duration_s, "fps": info.fps, "n_frames": info.n_frames,
+                             "has_audio": info.has_audio, "video_codec": info.video_codec}
     stats.update(
         wall_s=round(wall, 3),
         output_fps=round(result.frames / wall, 1),
@@ -351,6 +356,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         save()
     batch = runs["warm"]["batch_size"]
     report["micro"] = micro(pipe, batch)
+    save()
+    if cuda and args.channels_last:
+        pipe.use_channels_last(True)
+        report["micro_channels_last"] = micro(pipe, batch)
+        runs["warm_channels_last"] = w1_run(pipe, video, audio, boxes, out_dir, "cl", batch_size=args.batch_size)
+        pipe.use_channels_last(False)
+        save()
     if cuda:
         report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
     save()
@@ -373,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audio-seconds", type=float, default=None, help="trim the speech (smoke runs)")
     p.add_argument("--batch-size", type=int, default=None, help="default: chosen from free GPU memory")
     p.add_argument("--fast-preset", default="veryfast", help="an extra warm run with this x264 preset ('' to skip)")
+    p.add_argument("--channels-last", type=int, default=1, help="also measure channels-last UNet/VAE (1/0)")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)

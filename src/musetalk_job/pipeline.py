@@ -169,6 +169,7 @@ class Pipeline:
         # Pad ragged batches to a few fixed shapes (see _bucket): on CUDA cudnn.benchmark tunes
         # every new shape once; on CPU there is nothing to gain.
         self.pad_batches = self.device.type == "cuda"
+        self.channels_last = False
 
     @classmethod
     def from_models_dir(
@@ -207,6 +208,14 @@ class Pipeline:
         return pipe
 
     # ------------------------------------------------------------------ helpers
+
+    def use_channels_last(self, enabled: bool = True) -> None:
+        """Store the UNet's and VAE's conv weights channels-last (NHWC), which fp16/bf16 tensor-core
+        convolutions prefer on recent NVIDIA GPUs; outputs are then NHWC too."""
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.models.unet.to(memory_format=fmt)
+        self.models.vae.to(memory_format=fmt)
+        self.channels_last = enabled
 
     def detector(self, backend: str) -> Any:
         """The landmark detector for ``backend``, loaded on first use and kept."""
