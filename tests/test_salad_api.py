@@ -264,3 +264,13 @@ def test_the_fake_rejects_what_the_spec_rejects(api, capsys):
     for needle in ("Bad_Name", "sometimes", "urgent", "uuid", "'input' is a required property", "not an operation"):
         assert needle in text, (needle, text)
     api.violations.clear()
+
+
+def test_status_lists_the_queue_instead_of_one_request_per_job(api, capsys, tmp_path):
+    cli(capsys, "create-queue", "--queue", QUEUE)
+    manifest = write_jsonl(tmp_path / "jobs.jsonl", [job(i) for i in range(1, 6)])
+    assert cli(capsys, "submit", str(manifest), "--queue", QUEUE)[0] == 0
+    before = len(api.requests)
+    code, out, _ = cli(capsys, "status", str(manifest), "--queue", QUEUE, "--json")
+    assert code == 0 and "5 pending" in out
+    assert len(api.requests) - before == 1 and api.requests[-1]["query"] == "page=1&page_size=100"

@@ -262,6 +262,28 @@ def test_s3_unreachable_is_5xx(tmp_path, inputs):
         served.stop()
 
 
+def test_local_paths_only_under_allowed_dirs(tmp_path):
+    """Serve refuses local paths unless a directory is allowed; inside it they are used."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "junk.mp4").write_bytes(b"not a video")
+    (tmp_path / "outside.mp4").write_bytes(b"not a video")
+    served = Served(["--preload", "", "--allow-dir", str(allowed), "--workdir", str(tmp_path / "ws")], {})
+    try:
+        served.wait_started(60)
+        outside = served.post({"video": str(tmp_path / "outside.mp4"), "audio": str(allowed / "junk.mp4"),
+                               "output": str(allowed / "o.mp4")}, job_id="outside")
+        assert outside.status_code == 422 and "allowed directories" in outside.json()["message"], outside.text
+        inside = served.post({"video": "file://" + str(allowed / "junk.mp4"), "audio": str(allowed / "junk.mp4"),
+                              "output": str(allowed / "o.mp4")}, job_id="inside")
+        body = inside.json()  # accepted by the URL policy, then found to be no video
+        assert inside.status_code == 422 and body["exit_code"] == 3, inside.text
+        assert "allowed directories" not in body["message"] and "not a readable media file" in body["message"]
+        assert not (allowed / "o.mp4").exists()
+    finally:
+        served.stop()
+
+
 # --- last: SIGTERM mid-job (stops the module's server) ------------------------------------------
 
 
