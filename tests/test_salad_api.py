@@ -216,7 +216,11 @@ def test_csv_manifest(api, capsys, tmp_path):
 
 
 def test_one_group_per_job(api, capsys, tmp_path):
-    manifest = write_jsonl(tmp_path / "jobs.jsonl", [job(1, crf=20), job(2)])
+    presigned = "https://bucket.example/in/v2.mp4?X-Amz-Signature=deadbeefcafe&X-Amz-Expires=600"
+    manifest = write_jsonl(tmp_path / "jobs.jsonl", [job(1, crf=20), job(2, video=presigned)])
+    code, out, _ = cli(capsys, "deploy-jobs", str(manifest), "--name-prefix", "lip", "--image", "a/b:1", "--dry-run")
+    assert code == 0 and "deadbeefcafe" not in out and api.count("POST", "/containers") == 0
+    assert out.count('"name": "lip-') == 2 and "2 group(s) valid" in out
     args = ["deploy-jobs", str(manifest), "--name-prefix", "lip", "--image", "ghcr.io/acme/musetalk-job:0.1.0",
             "--gpu", "RTX 4090"]
     code, out, err = cli(capsys, *args)
@@ -229,6 +233,7 @@ def test_one_group_per_job(api, capsys, tmp_path):
     assert env["MUSETALK_MODE"] == "run" and env["SALAD_API_KEY"] == KEY
     assert api.groups["lip-1"]["replicas"] == 1
     assert cli(capsys, *args)[0] == 0 and api.count("POST", "/containers") == 2  # idempotent by name
+    assert api.groups["lip-2"]["container"]["environment_variables"]["VIDEO_URL"] == presigned
     # Every variable is one the run command knows (no unknown-variable warnings in the container).
     from musetalk_job.job import unknown_env_warnings
 

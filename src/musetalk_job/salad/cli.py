@@ -169,7 +169,10 @@ def _run(fn: Any) -> Any:
 
 
 def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    """stdout, with presigned query strings, URL user info and known secrets removed."""
+    from ..storage import redact_text
+
+    sys.stdout.write(redact_text(text) + "\n")
     sys.stdout.flush()
 
 
