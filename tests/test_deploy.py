@@ -229,6 +229,8 @@ def test_template_validates_against_the_spec(template):
             "startup_probe": "/health/startup", "readiness_probe": "/health/ready", "liveness_probe": "/health/live"}
         assert all(p["port"] == port for p in probes.values())
     else:
-        assert env["MUSETALK_MODE"] == "run" and env["MUSETALK_ON_FINISH"] == "stop-group"
+        # The entry script in run mode (a command, not MUSETALK_MODE, which `run` would warn about).
+        assert body["container"]["command"] == ["/usr/bin/tini", "-g", "--", "/opt/musetalk/entrypoint.sh", "run"]
+        assert unknown_env_warnings(env) == [] and env["MUSETALK_ON_FINISH"] == "stop-group"
         assert env["MUSETALK_SKIP_EXISTING"] == "true" and body["replicas"] == 1
         assert "queue_connection" not in body
