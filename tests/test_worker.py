@@ -284,6 +284,34 @@ def test_local_paths_only_under_allowed_dirs(tmp_path):
         served.stop()
 
 
+@needs_engine
+def test_a_version_the_fleet_does_not_serve_is_permanent(tmp_path, tiny_models_dir, face_video, speech_wav):
+    """A v1 job on a worker that preloaded v15 and has no v1 weights: 422 (not retried on other
+    nodes), and the node stays ready."""
+    models = tmp_path / "models-v15"
+    models.mkdir()
+    for entry in tiny_models_dir.iterdir():
+        if entry.name != "musetalk":  # the v1 UNet
+            (models / entry.name).symlink_to(entry)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(face_video, inputs / "face.mp4")
+    shutil.copy(speech_wav, inputs / "speech.wav")
+    served = Served(["--models-dir", str(models), "--preload", "v15", "--preload-landmarks", "none",
+                     "--allow-dir", str(inputs), "--workdir", str(tmp_path / "ws")], {})
+    try:
+        served.wait_started()
+        resp = served.post({"video": str(inputs / "face.mp4"), "audio": str(inputs / "speech.wav"),
+                            "output": str(inputs / "out.mp4"), "version": "v1"}, job_id="v1-job")
+        body = resp.json()
+        assert resp.status_code == 422 and body["exit_code"] == 5 and body["retryable"] is False, resp.text
+        assert "--preload v1" in body["message"]
+        assert requests.get(served.base + "/health/ready", timeout=2).status_code == 200
+        assert requests.get(served.base + "/health/live", timeout=2).status_code == 200
+    finally:
+        served.stop()
+
+
 # --- last: SIGTERM mid-job (stops the module's server) ------------------------------------------
 
 

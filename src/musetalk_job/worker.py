@@ -12,7 +12,8 @@ this server on loopback and stores the response body as the job's output):
     body as the output and does not retry. 408/429 are never used for these.
   * 503 for a transient failure (exit 4), a job stopped by SIGTERM, a busy server (a
     second job while one runs) or a server not ready yet; 500 for a runtime or models
-    failure (exit 5/6). The queue retries those on another attempt.
+    failure (exit 5/6). The queue retries those on another attempt. Exception: exit 5 for
+    a model version that is not preloaded (this fleet does not serve it) is 422.
   Bodies are JSON and kept far below the queue's 10 MB output limit.
 - ``GET /health/startup`` 200 once the models are loaded and the node check passed;
   ``/health/ready`` 200 while the server can take jobs (also while one runs), 503 after a
@@ -258,6 +259,15 @@ class WorkerState:
         finally:
             self.current_token, self.current_job = None, None
         self.jobs_done += 1
+        if outcome.exit_code == EXIT_MODELS and self.options.preload and spec.version not in self.options.preload:
+            # A version this fleet does not serve: the job's fault, not the node's. Answer 422 so the
+            # queue does not retry it on (and break) other nodes.
+            assert outcome.error is not None
+            status, payload = self.failure(outcome.error, outcome.manifest)
+            payload.update(status="failed", retryable=False, message=payload["message"] + (
+                f" (this worker serves model version(s) {', '.join(self.options.preload)}; "
+                f"send version {spec.version} jobs to a fleet started with --preload {spec.version})"))
+            return 422, payload
         if outcome.exit_code == EXIT_MODELS:
             self.broken = outcome.error.message if outcome.error else "models failed"
             log.error("models failed during job %s; this server reports not ready from now on", spec.job_id)
