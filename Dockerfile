@@ -59,7 +59,7 @@ RUN python -m pip install -q --upgrade pip \
  && musetalk-job download-weights --help >/dev/null
 
 # Non-root user; models and workspace belong to it.
-RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin musetalk \
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin musetalk \
  && mkdir -p /opt/musetalk/models /workspace \
  && chown -R musetalk:musetalk /opt/musetalk/models /workspace
 COPY --chmod=0755 docker/entrypoint.sh /opt/musetalk/entrypoint.sh
