@@ -228,6 +228,53 @@ def landmark_fps(pipe: Any, frames: np.ndarray, batch_sizes: list[int]) -> dict[
     return out
 
 
+def encoder_micro(frames: np.ndarray, work: Path) -> dict[str, Any]:
+    """Where the encoder's time goes (CPU only): RGB→yuv420p conversion, libx264 alone, VideoWriter."""
+    import av
+
+    from musetalk_job.media import VideoWriter
+
+    n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
+    out: dict[str, Any] = {"frames": n, "size": f"{w}x{h}"}
+    t = time.perf_counter()
+    yuv = [
+        av.VideoFrame.from_ndarray(f, format="rgb24").reformat(
+            format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG", interpolation="BICUBIC"
+        )
+        for f in frames
+    ]
+    out["rgb_to_yuv420p_bicubic_ms_per_frame"] = round((time.perf_counter() - t) / n * 1e3, 3)
+    planes = [f.to_ndarray() for f in yuv[:50]]
+    t = time.perf_counter()
+    for a in planes:
+        av.VideoFrame.from_ndarray(a, format="yuv420p")
+    out["yuv420p_from_ndarray_ms_per_frame"] = round((time.perf_counter() - t) / len(planes) * 1e3, 3)
+    for preset in ("medium", "veryfast", "ultrafast"):
+        path = work / f"enc_{preset}.mp4"
+        c = av.open(str(path), "w")
+        st = c.add_stream("libx264", rate=25)
+        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+        st.options = {"crf": "18", "preset": preset}
+        st.codec_context.thread_count = 0
+        t = time.perf_counter()
+        for i, f in enumerate(yuv):
+            f.pts = i
+            for pkt in st.encode(f):
+                c.mux(pkt)
+        for pkt in st.encode(None):
+            c.mux(pkt)
+        c.close()
+        out[f"libx264_{preset}_fps"] = round(n / (time.perf_counter() - t), 1)
+    for preset in ("medium", "veryfast"):
+        t = time.perf_counter()
+        vw = VideoWriter(work / f"vw_{preset}.mp4", width=w, height=h, fps=25.0, preset=preset)
+        for k in range(0, n, 64):
+            vw.write(frames[k : k + 64])
+        vw.close()
+        out[f"videowriter_{preset}_fps"] = round(n / (time.perf_counter() - t), 1)
+    return out
+
+
 def w1_run(pipe: Any, video: Path, audio: Path, boxes: Path, out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
     import torch
 
@@ -327,7 +374,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     audio = args.media / AUDIO_NAME
     if args.audio_seconds:
         audio = trimmed_audio(audio, out_dir / "speech_trimmed.wav", args.audio_seconds)
-    if cuda:
+    if cuda and not args.skip_ceilings:
         report["ceilings"] = ceilings()
     save()
 
@@ -338,6 +385,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         report["weights_write_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
     pipe = Pipeline.from_models_dir(models, device=args.device, dtype=args.dtype if cuda else None, version="v15")
+    if cuda:
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+        report["cudnn_benchmark"] = bool(args.cudnn_benchmark)
     _sync()
     report["model_load_s"] = round(time.perf_counter() - t, 2)
     report["dtype"] = str(pipe.dtype).replace("torch.", "")
@@ -349,7 +399,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     save()
     runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
     save()
-    if args.fast_preset:
+    if args.fast_preset and not args.only_cold_warm:
         runs["warm_preset_" + args.fast_preset] = w1_run(
             pipe, video, audio, boxes, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
         )
@@ -357,16 +407,25 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     batch = runs["warm"]["batch_size"]
     report["micro"] = micro(pipe, batch)
     save()
-    if cuda and args.channels_last:
+    if cuda and args.channels_last and not args.only_cold_warm:
         pipe.use_channels_last(True)
         report["micro_channels_last"] = micro(pipe, batch)
         runs["warm_channels_last"] = w1_run(pipe, video, audio, boxes, out_dir, "cl", batch_size=args.batch_size)
         pipe.use_channels_last(False)
         save()
-    if cuda:
+    if cuda and "ceilings" in report:
         report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
     save()
     frames = read_frames(video).frames
+    if args.encoder_micro:
+        report["encoder"] = encoder_micro(frames if cuda else frames[:20], out_dir)
+        save()
+    if cuda and args.cudnn_compare:
+        # cudnn heuristics (no autotuning) against the autotuned algorithms kept from the runs above
+        torch.backends.cudnn.benchmark = False
+        report["micro_cudnn_heuristics"] = micro(pipe, batch)
+        torch.backends.cudnn.benchmark = True
+        save()
     report["landmarks"] = landmark_fps(pipe, frames if cuda else frames[:16], args.landmark_batches)
     save()
     return report
@@ -386,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: chosen from free GPU memory")
     p.add_argument("--fast-preset", default="veryfast", help="an extra warm run with this x264 preset ('' to skip)")
     p.add_argument("--channels-last", type=int, default=1, help="also measure channels-last UNet/VAE (1/0)")
+    p.add_argument("--cudnn-benchmark", type=int, default=1, help="torch.backends.cudnn.benchmark for the runs (1/0)")
+    p.add_argument("--cudnn-compare", type=int, default=1, help="also time the models with cudnn heuristics (1/0)")
+    p.add_argument("--encoder-micro", type=int, default=1, help="time RGB->YUV conversion and libx264 alone (1/0)")
+    p.add_argument("--skip-ceilings", action="store_true")
+    p.add_argument("--only-cold-warm", action="store_true", help="skip the preset/channels-last extra runs")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
