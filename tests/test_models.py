@@ -437,15 +437,17 @@ def test_fast_copies_are_preferred(models_copy: Path, v15: MuseTalkModels) -> No
     from musetalk_job.weights import convert_weights
 
     convert_weights(models_copy, version="v15", dtype="fp16")
-    m = _load(models_copy)
+    assert not _load(models_copy).sources["unet"].fast  # fp32 run: an fp16 copy would lose precision
+    m = _load(models_copy, dtype=torch.float16)
     assert all(m.sources[n].fast for n in ("unet", "vae", "whisper", "bisenet")), m.sources
     assert m.sources["unet"].path == models_copy / layout.FAST["unet-v15"]
-    assert m.unet.conv_in.weight.dtype == torch.float32  # cast to the requested dtype
-    assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight.half().float())
-    assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight.half().float())
-    assert torch.equal(m.whisper.layers[0].fc1.weight, v15.whisper.layers[0].fc1.weight.half().float())
-    assert not torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight)  # fp16-rounded: really the copy
-    assert torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight.half().float())
+    assert m.unet.conv_in.weight.dtype == torch.float16
+    assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight.half())
+    assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight.half())
+    assert torch.equal(m.whisper.layers[0].fc1.weight, v15.whisper.layers[0].fc1.weight.half())
+    assert torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight.half())
+    bf16 = _load(models_copy, dtype=torch.bfloat16)  # an fp16 copy does not serve a bf16 run
+    assert not bf16.sources["unet"].fast
 
 
 def test_stale_or_broken_fast_copies_fall_back(models_copy: Path, v15: MuseTalkModels, caplog) -> None:
@@ -458,11 +460,11 @@ def test_stale_or_broken_fast_copies_fall_back(models_copy: Path, v15: MuseTalkM
     bise_fast = models_copy / layout.FAST["bisenet"]
     bise_fast.write_bytes(bise_fast.read_bytes()[:100])  # truncated
     with caplog.at_level("WARNING"):
-        m = _load(models_copy)
+        m = _load(models_copy, dtype=torch.float16)
     assert not m.sources["unet"].fast and not m.sources["bisenet"].fast
     assert m.sources["vae"].fast and m.sources["whisper"].fast
-    assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight)
-    assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight)
+    assert torch.equal(m.unet.conv_in.weight, v15.unet.conv_in.weight.half())
+    assert torch.equal(m.bisenet.conv_out.conv_out.weight, v15.bisenet.conv_out.conv_out.weight.half())
     assert str(models_copy / layout.FAST["unet-v15"]) in caplog.text and str(bise_fast) in caplog.text
 
 
@@ -471,7 +473,17 @@ def test_hand_made_fast_copy_without_record_is_ignored(models_copy: Path, v15: M
 
     path = models_copy / layout.FAST["bisenet"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: torch.zeros_like(v) for k, v in v15.bisenet.state_dict().items()}, str(path))
-    m = _load(models_copy)
+    save_file({k: torch.zeros_like(v).half() for k, v in v15.bisenet.state_dict().items()}, str(path))
+    m = _load(models_copy, dtype=torch.float16)
     assert not m.sources["bisenet"].fast
-    assert torch.equal(m.bisenet.cp.resnet.conv1.weight, v15.bisenet.cp.resnet.conv1.weight)
+    assert torch.equal(m.bisenet.cp.resnet.conv1.weight, v15.bisenet.cp.resnet.conv1.weight.half())
+
+
+def test_present_file_with_wrong_size_for_the_manifest_fails_fast(models_copy: Path) -> None:
+    """Outside a random-weights dir, a file whose size disagrees with the weights manifest
+    (a truncated download) is a ModelsError naming it, before anything is loaded."""
+    from musetalk_job.weights import RANDOM_MARKER
+
+    (models_copy / RANDOM_MARKER).unlink()
+    exc = _expect_models_error(models_copy, "musetalkV15/unet.pth")
+    assert exc.exit_code == 5 and "download-weights" in exc.message

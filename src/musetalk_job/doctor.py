@@ -205,7 +205,7 @@ def _check_landmarks(d: Diagnosis, landmarks: str, torch: Any) -> None:
         device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
         d.add("landmarks", "ok" if torch is not None else "fail", f"DWPose (RTMPose-l) in PyTorch on {device}")
     else:
-        d.add("landmarks", "ok", "cascade (OpenCV, no weights)")
+        d.add("landmarks", "ok", "cascade (scikit-image LBP frontal-face model, no weights; lower fidelity)")
     try:
         import onnxruntime
 

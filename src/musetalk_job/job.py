@@ -204,7 +204,24 @@ SETTINGS_CHOICES: dict[str, tuple[str, ...]] = {
 }
 # MUSETALK_* variables read by other parts of the project (not warned about).
 OTHER_KNOWN_ENV = frozenset(
-    {"MUSETALK_SERVE_PORT", "MUSETALK_SERVE_HOST", "MUSETALK_HF_REPO", "MUSETALK_HF_REVISION", "MUSETALK_ALLOWED_DIRS"}
+    {
+        "MUSETALK_SERVE_PORT",
+        "MUSETALK_SERVE_HOST",
+        "MUSETALK_SERVE_PATH",
+        "MUSETALK_SERVE_PRELOAD",
+        "MUSETALK_SERVE_LANDMARKS",
+        "MUSETALK_MIN_FREE_VRAM_GB",
+        "MUSETALK_MODE",
+        "MUSETALK_FETCH_WEIGHTS",
+        "MUSETALK_QUEUE_WORKER",
+        "MUSETALK_HF_REPO",
+        "MUSETALK_HF_REVISION",
+        "MUSETALK_ALLOWED_DIRS",
+        "MUSETALK_AVATAR_CACHE",
+        "MUSETALK_AVATAR_CACHE_DIR",
+        "MUSETALK_AVATAR_CACHE_MAX_GB",
+        "MUSETALK_NVENC",
+    }
 )
 
 

@@ -201,6 +201,7 @@ class MuseTalkModels:
             raise ModelsError(f"unknown model version {version!r}; expected one of {sorted(layout.UNET)}")
         if not models_dir.is_dir():
             raise ModelsError(f"models dir {models_dir} does not exist; {_hint(models_dir)}")
+        _check_sizes(models_dir, version)
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -236,6 +237,21 @@ class MuseTalkModels:
         )
 
 
+def _check_sizes(models_dir: Path, version: str) -> None:
+    """Fail fast on a present file whose size disagrees with the weights manifest (a truncated
+    or wrong download). Missing files are reported by the loaders themselves; stats only."""
+    from ..weights import check_models_dir
+
+    bad = [
+        s
+        for s in check_models_dir(models_dir, version=version, landmarks="cascade")
+        if s.present and s.size_ok is False
+    ]
+    if bad:
+        items = "; ".join(f"{s.path}: {s.problem}" for s in bad)
+        raise ModelsError(f"{items}; {_hint(models_dir)}")
+
+
 class _Loader:
     def __init__(self, models_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.dir = models_dir
@@ -256,8 +272,11 @@ class _Loader:
         from ..weights import fast_copy_valid
 
         fast = self.dir / layout.FAST[fast_key]
-        if fast.is_file():
-            if not fast_copy_valid(self.dir, fast_key):
+        # A fast copy is used only when it holds the dtype we run in: an fp16 copy cast up to
+        # fp32 would silently lose precision.
+        fast_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype)
+        if fast.is_file() and fast_dtype is not None:
+            if not fast_copy_valid(self.dir, fast_key, dtype=fast_dtype):
                 log.warning("ignoring %s: not made from the current %s (run convert-weights again)", fast, original)
             else:
                 try:
