@@ -249,6 +249,20 @@ def encoder_micro(frames: np.ndarray, work: Path) -> dict[str, Any]:
     for a in planes:
         av.VideoFrame.from_ndarray(a, format="yuv420p")
     out["yuv420p_from_ndarray_ms_per_frame"] = round((time.perf_counter() - t) / len(planes) * 1e3, 3)
+    import torch
+
+    if torch.cuda.is_available():  # the same conversion as a tensor op on the GPU, for comparison
+        x = torch.from_numpy(frames[:64]).cuda()
+        m = torch.tensor([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]],
+                         device="cuda") / 255.0
+
+        def to_yuv() -> torch.Tensor:
+            yuv = x.float() @ m.T + torch.tensor([16.0, 128.0, 128.0], device="cuda")
+            y = yuv[..., 0].round().clamp(0, 255).to(torch.uint8)
+            uv = torch.nn.functional.avg_pool2d(yuv[..., 1:].permute(0, 3, 1, 2), 2).round().clamp(0, 255)
+            return torch.cat([y.flatten(1), uv.to(torch.uint8).flatten(1)], dim=1)
+
+        out["gpu_rgb_to_yuv420p_ms_per_frame"] = round(_cuda_time(to_yuv) / x.shape[0] * 1e3, 4)
     for preset in ("medium", "veryfast", "ultrafast"):
         path = work / f"enc_{preset}.mp4"
         c = av.open(str(path), "w")
@@ -388,6 +402,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
         report["cudnn_benchmark"] = bool(args.cudnn_benchmark)
+    if args.warmup:
+        report["warmup_s"] = round(pipe.warmup(args.batch_size), 2)
     _sync()
     report["model_load_s"] = round(time.perf_counter() - t, 2)
     report["dtype"] = str(pipe.dtype).replace("torch.", "")
@@ -445,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: chosen from free GPU memory")
     p.add_argument("--fast-preset", default="veryfast", help="an extra warm run with this x264 preset ('' to skip)")
     p.add_argument("--channels-last", type=int, default=1, help="also measure channels-last UNet/VAE (1/0)")
-    p.add_argument("--cudnn-benchmark", type=int, default=1, help="torch.backends.cudnn.benchmark for the runs (1/0)")
+    p.add_argument("--warmup", type=int, default=1, help="Pipeline.warmup() after loading, before the cold run (1/0)")
+    p.add_argument("--cudnn-benchmark", type=int, default=0, help="torch.backends.cudnn.benchmark for the runs (1/0)")
     p.add_argument("--cudnn-compare", type=int, default=1, help="also time the models with cudnn heuristics (1/0)")
     p.add_argument("--encoder-micro", type=int, default=1, help="time RGB->YUV conversion and libx264 alone (1/0)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -241,6 +241,10 @@ def test_cancel_between_batches(pipe, face_video, speech_wav, boxes_file, tmp_pa
     assert seen == [2]  # stopped right after the first batch
 
 
+def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
+    assert pipe.warmup(batch_size=3, frame_size=(64, 48)) > 0
+
+
 def test_version_mismatch_is_a_spec_error(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
     with pytest.raises(SpecError, match="version"):
         pipe.run(face_video, speech_wav, tmp_path / "o.mp4", EngineOptions(version="v1", boxes_file=boxes_file))

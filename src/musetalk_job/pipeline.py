@@ -58,6 +58,7 @@ _MAX_AUTO_BATCH = 64
 _CPU_BATCH = 4
 _FREE_MEMORY_FRACTION = 0.6
 _ENCODE_BATCH_FACTOR = 2  # VAE encode runs masked+full together: half the frames per call
+CUDNN_BENCHMARK = False
 
 
 def pingpong_indices(num_output: int, num_input: int) -> np.ndarray:
@@ -166,8 +167,8 @@ class Pipeline:
         self._detector_lock = threading.Lock()
         self._timestep = torch.zeros(1, dtype=torch.long, device=self.device)
         self.last_timings: dict[str, float] = {}  # detail of the last generate() for benchmarks
-        # Pad ragged batches to a few fixed shapes (see _bucket): on CUDA cudnn.benchmark tunes
-        # every new shape once; on CPU there is nothing to gain.
+        # Pad ragged batches to a few fixed shapes (see _bucket): on CUDA each new shape costs
+        # first-use set-up (cuDNN plans, lazy kernel loading); on CPU there is nothing to gain.
         self.pad_batches = self.device.type == "cuda"
         self.channels_last = False
 
@@ -180,9 +181,11 @@ class Pipeline:
         dtype: torch.dtype | str | None = None,
         version: str = "v15",
         landmarks: Optional[str] = None,
+        warmup: bool = False,
     ) -> "Pipeline":
         """Load every model once. ``device`` defaults to CUDA when present; ``dtype`` to fp16 on CUDA
-        (bf16 selectable) and fp32 on CPU. ``landmarks`` names a detector backend to load now."""
+        (bf16 selectable) and fp32 on CPU. ``landmarks`` names a detector backend to load now;
+        ``warmup`` runs ``warmup()`` so that the first job does not pay the CUDA first-use costs."""
         from .models.loading import MuseTalkModels
 
         if version not in ("v15", "v1"):
@@ -198,14 +201,42 @@ class Pipeline:
         if dev.type == "cpu" and dt != torch.float32:
             log.warning("%s on CPU is slow and poorly supported; using it as asked", dt)
         if dev.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            # Off: on an H200 cuDNN's heuristics matched the autotuned algorithms (UNet, VAE encode
+            # and decode within 1-4 %, bench/README.md) while autotuning added ~5 s to the first job.
+            torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         models = MuseTalkModels.load(Path(models_dir), version=version, device=dev, dtype=dt)
         pipe = cls(models, Path(models_dir))
         if landmarks is not None:
             pipe.detector(landmarks)
+        if warmup:
+            pipe.warmup()
         return pipe
+
+    @torch.inference_mode()
+    def warmup(self, batch_size: Optional[int] = None, frame_size: tuple[int, int] = (1280, 720)) -> float:
+        """Run every model once on dummy data at the shapes a job uses (UNet + VAE decode at the
+        batch size, VAE encode at half of it, Whisper, BiSeNet): CUDA contexts, cuBLAS/cuDNN plans
+        and lazily loaded kernels are then ready. Returns the seconds it took."""
+        from .latents import FACE_SIZE, LATENT_SIZE
+
+        t = time.perf_counter()
+        w, h = frame_size
+        batch = batch_size or auto_batch_size(self.device, self.dtype, w * h * 3)
+        m = self.models
+        latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
+        cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
+        decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample)
+        crops = torch.zeros((max(1, batch // _ENCODE_BATCH_FACTOR), FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
+        encode_faces(m.vae, crops, crops.shape[0])
+        from .audio import whisper_features
+
+        whisper_features(np.zeros(16000, dtype=np.float32), m)
+        m.bisenet(torch.zeros((min(batch, 16), 3, 512, 512), device=self.device, dtype=next(m.bisenet.parameters()).dtype))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t
 
     # ------------------------------------------------------------------ helpers
 
@@ -421,7 +452,7 @@ class Pipeline:
             return frames_b
         timer.mark("generate_start")
         # Pad the face batch to a bucket size (CUDA) so a few fixed shapes cover every batch:
-        # cudnn.benchmark tunes each new shape once, and ragged tails would add shapes.
+        # each new shape costs first-use set-up, and ragged tails would add shapes.
         padded = _bucket(n_face, plan.batch) if self.pad_batches else n_face
         take = torch.arange(a, a + padded, device=self.device).clamp_(max=b - 1)
         latents = prep.latents.index_select(0, plan.face_rows_dev.index_select(0, take))
