@@ -11,6 +11,7 @@ import itertools
 import json
 import threading
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,27 @@ def test_cancel_between_batches(pipe, face_video, speech_wav, boxes_file, tmp_pa
     with pytest.raises(Cancelled):
         pipe.run(face_video, speech_wav, out, EngineOptions(boxes_file=boxes_file, batch_size=2), progress=progress, cancel=cancel)
     assert seen == [2]  # stopped right after the first batch
+
+
+def test_avatar_cache_hit_reuses_preparation_and_gives_the_same_video(
+    pipe, face_video, speech_wav, tmp_path
+) -> None:
+    from musetalk_job.cache import AvatarCache
+
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.4)  # 10 frames
+    opts = EngineOptions(landmarks="cascade", codec="ffv1", batch_size=4, save_boxes=tmp_path / "saved1.json")
+    pipe.avatar_cache = AvatarCache(tmp_path / "cache")
+    try:
+        first = pipe.run(face_video, short, tmp_path / "a.mkv", opts)
+        assert len(list((tmp_path / "cache").iterdir())) == 1  # the miss stored one entry
+        second = pipe.run(face_video, short, tmp_path / "b.mkv", replace(opts, save_boxes=tmp_path / "saved2.json"))
+    finally:
+        pipe.avatar_cache = None
+    assert first.stage_seconds["latents"] > 0
+    assert second.stage_seconds["latents"] == 0.0  # served from the cache: no VAE encode, no masks
+    assert second.boxes == first.boxes
+    assert (tmp_path / "saved2.json").read_text() == (tmp_path / "saved1.json").read_text()
+    np.testing.assert_array_equal(_read(first.output), _read(second.output))
 
 
 def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:

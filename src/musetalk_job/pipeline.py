@@ -157,7 +157,9 @@ def auto_batch_size(device: torch.device, dtype: torch.dtype, frame_bytes: int) 
 class Pipeline:
     """Loaded MuseTalk models on one device plus lazily loaded landmark detectors."""
 
-    def __init__(self, models: Any, models_dir: Path) -> None:
+    def __init__(self, models: Any, models_dir: Path, avatar_cache: Any = "env") -> None:
+        from . import cache
+
         self.models = models
         self.models_dir = Path(models_dir)
         self.version: str = models.version
@@ -171,6 +173,8 @@ class Pipeline:
         # first-use set-up (cuDNN plans, lazy kernel loading); on CPU there is nothing to gain.
         self.pad_batches = self.device.type == "cuda"
         self.channels_last = False
+        # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
+        self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
 
     @classmethod
     def from_models_dir(
@@ -580,16 +584,7 @@ class Pipeline:
                 progress("decode", 1, 1)
             _check_cancel(cancel)
 
-            prep = self.prepare_video(
-                frames,
-                fps,
-                options,
-                n_used=used_input_frames(num_out, frames.shape[0]),
-                progress=progress,
-                cancel=cancel,
-                source=video.name,
-                stages=st,
-            )
+            prep = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
             _check_cancel(cancel)
             with st.stage("audio"):
                 cond = self.audio_features(samples, fps, num_out, options)
@@ -638,6 +633,44 @@ class Pipeline:
             batch_size=batch,
             boxes=[None if b is None else list(b) for b in prep.boxes],
         )
+
+    def _prepare_cached(
+        self,
+        video: Path,
+        frames: np.ndarray,
+        fps: float,
+        num_out: int,
+        options: EngineOptions,
+        progress: Optional[ProgressFn],
+        cancel: Optional[threading.Event],
+        st: _Stages,
+    ) -> PreparedVideo:
+        """``prepare_video`` through the avatar cache when one is configured (a hit skips the
+        landmarks, latents and mask work; the lookup is timed as ``landmarks``)."""
+        from . import cache
+
+        n_used = used_input_frames(num_out, frames.shape[0])
+        prep = key = None
+        if self.avatar_cache is not None:
+            with st.stage("landmarks"):
+                key = cache.cache_key(
+                    video, version=self.version, options=options, dtype_name=str(self.dtype),
+                    model_fingerprint=cache.model_fingerprint(self.models_dir, self.version, options.landmarks),
+                )
+                hit = self.avatar_cache.get(key)
+                if hit is not None:
+                    prep = cache.apply_cached(hit, frames, fps, options, n_used=n_used, device=self.device, dtype=self.dtype)
+        if prep is None:
+            prep = self.prepare_video(
+                frames, fps, options, n_used=n_used, progress=progress, cancel=cancel, source=video.name, stages=st
+            )
+            if key is not None:
+                self.avatar_cache.put(key, cache.to_cached(prep, options))
+        elif options.save_boxes is not None:  # a hit skips _boxes(), which writes it otherwise
+            from .landmarks.boxes import write_boxes_file
+
+            write_boxes_file(Path(options.save_boxes), prep.boxes)
+        return prep
 
     @staticmethod
     def _num_output_frames(samples: np.ndarray, fps: float, audio: Path) -> int:
