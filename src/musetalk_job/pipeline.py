@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,31 +362,39 @@ class Pipeline:
         face_rows = np.full(n_used, -1, dtype=np.int64)
         face_rows[face_idx] = np.arange(len(face_idx))
         batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
-        with st.stage("latents"):
-            crops = crop_faces([frames[j] for j in face_idx], [used_boxes[j] for j in face_idx])
-            crops_t = torch.from_numpy(crops)
-            if self.device.type == "cuda":
-                crops_t = crops_t.pin_memory()
-            latents = self._with_oom_retry(
-                lambda b: encode_faces(self.models.vae, crops_t, b, pad=self.pad_batches), max(1, batch // _ENCODE_BATCH_FACTOR), "VAE encode"
-            )
-            if progress is not None:
-                progress("latents", len(face_idx), len(face_idx))
-        _check_cancel(cancel)
-        with st.stage("blend"):
-            mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
-            masks = list(
-                prepare_masks(
-                    frames[:n_used],
-                    used_boxes,
-                    self.models.bisenet,
-                    mode=mode,
-                    left_cheek_width=options.left_cheek_width,
-                    right_cheek_width=options.right_cheek_width,
-                    device=self.device,
-                    batch_size=batch,
+        mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
+
+        def masks_job() -> list[Any]:
+            with torch.inference_mode():
+                return list(
+                    prepare_masks(
+                        frames[:n_used], used_boxes, self.models.bisenet, mode=mode,
+                        left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
+                        device=self.device, batch_size=batch,
+                    )
                 )
-            )
+
+        # The blend masks (mostly CPU: crops, resizes, morphology) are made in a second thread
+        # while this one crops and VAE-encodes; "blend" then times only the wait that is left.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend-masks") as pool:
+            masks_future = pool.submit(masks_job)
+            with st.stage("latents"):
+                crops = crop_faces([frames[j] for j in face_idx], [used_boxes[j] for j in face_idx])
+                crops_t = torch.from_numpy(crops)
+                if self.device.type == "cuda":
+                    crops_t = crops_t.pin_memory()
+                latents = self._with_oom_retry(
+                    lambda b: encode_faces(self.models.vae, crops_t, b, pad=self.pad_batches),
+                    max(1, batch // _ENCODE_BATCH_FACTOR),
+                    "VAE encode",
+                )
+                if progress is not None:
+                    progress("latents", len(face_idx), len(face_idx))
+            with st.stage("blend"):
+                masks = masks_future.result()
+                if progress is not None:
+                    progress("blend", len(face_idx), len(face_idx))
+        _check_cancel(cancel)
         return PreparedVideo(
             frames=frames,
             fps=fps,
