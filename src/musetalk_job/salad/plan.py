@@ -26,8 +26,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-# PLACEHOLDER — set from the benchmark JSON (field ``output_fps``) measured on one H200.
-H200_MEASURED_FPS: Optional[float] = None
+# The benchmark's ``output_fps`` for W1 on one NVIDIA H200 (2026-11-28, commit e3b797d,
+# bench/results/h200-2026-11-28-run4.json, warm run, libx264 medium).
+H200_MEASURED_FPS: Optional[float] = 46.1
 
 # Per-GPU-hour prices in USD by priority (high, medium, low, batch), from the SaladCloud
 # `GET /gpu-classes` snapshot dated 2025-09-22 (docs/salad.md §6). Prices move: pass --price
