@@ -215,7 +215,12 @@ def test_cascade_landmarks_and_save_boxes(pipe, face_video, speech_wav, frames_i
 def test_video_without_a_face_is_rejected(pipe, speech_wav, tmp_path) -> None:
     from musetalk_job.samples import make_face_video
 
+    from musetalk_job.landmarks import detect_boxes
+    from musetalk_job.media import read_frames
+
     video = make_face_video(tmp_path / "none.mp4", seconds=0.4, fps=25.0, size=(160, 120), no_face_frames=range(10))
+    found = detect_boxes(read_frames(video).frames, backend="cascade", detector=pipe.detector("cascade"))
+    assert found == [None] * len(found), found  # the input really has no face
     with pytest.raises(InputMediaError, match="no face found"):
         pipe.run(video, speech_wav, tmp_path / "o.mp4", EngineOptions(landmarks="cascade"))
     assert not (tmp_path / "o.mp4").exists()
