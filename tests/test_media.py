@@ -340,3 +340,20 @@ def test_encoders_available():
     assert set(found) == {"libx264", "h264_nvenc", "libx264rgb", "ffv1", "aac"}
     assert found["libx264"] and found["aac"] and found["ffv1"]
     assert all(isinstance(v, bool) for v in found.values())
+
+
+def test_writer_owns_queued_frames_when_the_caller_reuses_its_buffer(tmp_path) -> None:
+    """write() returns while frames still wait in the queue; a caller that refills one buffer
+    (as the engine does with pinned host memory) must not change frames already written."""
+    from musetalk_job.media import VideoWriter, read_frames
+
+    rng = np.random.default_rng(3)
+    expected = rng.integers(0, 256, size=(12, 48, 64, 3), dtype=np.uint8)
+    buf = np.empty((1, 48, 64, 3), dtype=np.uint8)
+    out = tmp_path / "reuse.mkv"
+    with VideoWriter(out, width=64, height=48, fps=25.0, codec="ffv1") as w:
+        for frame in expected:
+            buf[0] = frame
+            w.write(buf)
+            buf[0] = 0  # reuse at once
+    assert np.array_equal(read_frames(out).frames, expected)

@@ -608,13 +608,30 @@ class VideoWriter:
                 f"got {arr.dtype} {list(arr.shape)}"
             )
         for frame in arr:  # queued frame by frame: the queue bounds memory in frames
+            frame = frame.copy()
             while True:
                 self._raise_if_failed()
                 try:
-                    self._queue.put(frame, timeout=0.2)
+                    # The RGB→YUV conversion runs in a small pool (swscale releases the GIL), off
+                    # the encoder thread's critical path; the queue keeps the frames in order.
+                    # A copy: the caller may reuse its buffer (e.g. pinned host memory) as soon as
+                    # write() returns, while this frame still waits in the queue.
+                    self._queue.put(self._convert_pool().submit(self._video_frame, frame), timeout=0.2)
                     break
                 except queue.Full:
                     continue
+                except RuntimeError as exc:  # the pool was shut down: the encoder thread has ended
+                    self._raise_if_failed()
+                    raise EngineRuntimeError(f"output {self.path}: the encoder stopped ({exc})") from exc
+
+    def _convert_pool(self) -> Any:
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+            pool = self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rgb2yuv")
+        return pool
 
     def close(self) -> None:
         """Flush the encoders, write the trailer; raises if encoding failed (file removed)."""
@@ -674,12 +691,15 @@ class VideoWriter:
                 item = self._queue.get()
                 if item is _STOP or self._aborted.is_set():
                     break
-                self._encode_video(item)
+                self._encode_video(item.result())
             if not self._aborted.is_set():
                 self._finish()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             self._error = exc
         finally:
+            pool = getattr(self, "_pool", None)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             for closer in (self._container.close, getattr(self._audio_in, "close", None)):
                 if closer is None:
                     continue
@@ -702,8 +722,8 @@ class VideoWriter:
             frame = frame.reformat(format="bgr0")
         return frame
 
-    def _encode_video(self, rgb: np.ndarray) -> None:
-        frame = self._video_frame(rgb)
+    def _encode_video(self, frame: Any) -> None:
+        """Encode one converted frame (``_video_frame``'s result)."""
         frame.pts = self.frames_written
         frame.time_base = 1 / self.rate
         for packet in self._vstream.encode(frame):
