@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -95,8 +95,24 @@ def encode_faces(vae: torch.nn.Module, crops: torch.Tensor, batch_size: int, *, 
 
 
 @torch.inference_mode()
-def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Predicted latents ``[B,4,32,32]`` → uint8 RGB faces ``[B,256,256,3]`` on the same device."""
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, chunk: Optional[int] = None) -> torch.Tensor:
+    """Predicted latents ``[B,4,32,32]`` → uint8 RGB faces ``[B,256,256,3]`` on the same device.
+
+    ``chunk``: decode at most this many latents per VAE call. The decoder's 256² activations
+    dominate the engine's device memory (~150 MiB per frame in fp16), so bounding the chunk bounds
+    the peak; the per-frame work is the same, and every chunk is large enough to fill the GPU.
+    """
+    n = latents.shape[0]
+    step = n if not chunk or chunk >= n else int(chunk)
+    if step == n:
+        return _decode_chunk(vae, latents)
+    out = torch.empty((n, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8, device=latents.device)
+    for start in range(0, n, step):
+        out[start : start + step] = _decode_chunk(vae, latents[start : start + step])
+    return out
+
+
+def _decode_chunk(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     img = vae.decode(latents / scaling_factor(vae)).sample
     img = (img / 2 + 0.5).clamp(0, 1)  # in the model dtype, as upstream
     return (img.float() * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()

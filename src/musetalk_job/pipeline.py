@@ -60,6 +60,10 @@ _MAX_AUTO_BATCH = 64
 _CPU_BATCH = 4
 _FREE_MEMORY_FRACTION = 0.6
 _ENCODE_BATCH_FACTOR = 2  # VAE encode runs masked+full together: half the frames per call
+# On CUDA the memory-heavy 256²/512² convolutions (VAE decode and encode, BiSeNet) run in chunks
+# of at most this many images whatever the job's batch size: their activations, not the UNet's,
+# set the peak (12.4 GiB at batch 64 unchunked on an H200), and a chunk of 16 already fills the GPU.
+GPU_CHUNK = 16
 CUDNN_BENCHMARK = False
 
 
@@ -233,18 +237,28 @@ class Pipeline:
         m = self.models
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
-        decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample)
-        crops = torch.zeros((max(1, batch // _ENCODE_BATCH_FACTOR), FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
-        encode_faces(m.vae, crops, crops.shape[0])
+        decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample, self._chunk(batch))
+        enc = self._encode_batch(batch)
+        crops = torch.zeros((enc, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
+        encode_faces(m.vae, crops, enc)
         from .audio import whisper_features
 
         whisper_features(np.zeros(16000, dtype=np.float32), m)
-        m.bisenet(torch.zeros((batch, 3, 512, 512), device=self.device, dtype=next(m.bisenet.parameters()).dtype))
+        parse = self._chunk(batch)
+        m.bisenet(torch.zeros((parse, 3, 512, 512), device=self.device, dtype=next(m.bisenet.parameters()).dtype))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t
 
     # ------------------------------------------------------------------ helpers
+
+    def _chunk(self, batch: int) -> int:
+        """Images per call of the VAE decoder / BiSeNet for a job batch of ``batch`` (see GPU_CHUNK)."""
+        return min(batch, GPU_CHUNK) if self.device.type == "cuda" else batch
+
+    def _encode_batch(self, batch: int) -> int:
+        """Crops per VAE-encode call (each call encodes masked + full, i.e. twice as many images)."""
+        return max(1, min(batch // _ENCODE_BATCH_FACTOR, self._chunk(batch) // _ENCODE_BATCH_FACTOR or 1))
 
     def use_channels_last(self, enabled: bool = True) -> None:
         """Store the UNet's and VAE's conv weights channels-last (NHWC), which fp16/bf16 tensor-core
@@ -277,8 +291,11 @@ class Pipeline:
     def _decode(self, video: Path, audio: Path, options: EngineOptions) -> tuple[np.ndarray, float, np.ndarray]:
         from .media import load_audio, read_frames
 
-        vf = read_frames(video, image_fps=options.fps)
-        samples = load_audio(audio, sr=16000)
+        # The audio decodes and resamples in a second thread while this one decodes the video.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audio-decode") as pool:
+            audio_future = pool.submit(load_audio, audio, 16000)
+            vf = read_frames(video, image_fps=options.fps)  # its error, if any, is the one reported
+            samples = audio_future.result()
         if vf.frames.shape[0] == 0:
             raise InputMediaError(f"video {video.name}: no frames could be decoded; check that the file is a video or image")
         return vf.frames, float(vf.fps), samples
@@ -371,7 +388,7 @@ class Pipeline:
                     prepare_masks(
                         frames[:n_used], used_boxes, self.models.bisenet, mode=mode,
                         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
-                        device=self.device, batch_size=batch,
+                        device=self.device, batch_size=self._chunk(batch),
                     )
                 )
 
@@ -386,7 +403,7 @@ class Pipeline:
                     crops_t = crops_t.pin_memory()
                 latents = self._with_oom_retry(
                     lambda b: encode_faces(self.models.vae, crops_t, b, pad=self.pad_batches),
-                    max(1, batch // _ENCODE_BATCH_FACTOR),
+                    self._encode_batch(batch),
                     "VAE encode",
                 )
                 if progress is not None:
@@ -472,7 +489,7 @@ class Pipeline:
         latents = prep.latents.index_select(0, plan.face_rows_dev.index_select(0, take))
         cond = audio.index_select(0, plan.face_out_dev.index_select(0, take))
         pred = self.models.unet(latents, self._timestep, encoder_hidden_states=cond).sample
-        faces_sel = decode_latents(self.models.vae, pred)[:n_face]
+        faces_sel = decode_latents(self.models.vae, pred, self._chunk(plan.batch))[:n_face]
         timer.mark("generate_end")
         if n_face == stop - start:
             faces = faces_sel
@@ -503,6 +520,9 @@ class Pipeline:
         plan = _Plan.build(prep, total, batch_size, self.device)
         frames_dev = self._frame_upload(prep.frames[: prep.n_used])
         timer = _GpuTimer(self.device)
+        # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
+        # host, and no per-frame swscale on the CPU (colour.rgb_to_i420 matches it, see its tests).
+        i420 = bool(getattr(writer, "accepts_i420", False))
         pending: Optional[tuple[torch.Tensor, Any]] = None  # (host tensor, copy-done event)
         encode_s = 0.0
         start = 0
@@ -514,6 +534,11 @@ class Pipeline:
             try:
                 timer.begin()
                 out_dev = self._generate_batch(prep, frames_dev, audio, plan, start, stop, timer)
+                if i420:
+                    from .colour import rgb_to_i420
+
+                    out_dev = rgb_to_i420(out_dev)
+                    timer.mark("blend_end")  # the conversion is timed with the composite
                 timer.end()
             except torch.cuda.OutOfMemoryError:
                 timer.discard()
@@ -527,13 +552,13 @@ class Pipeline:
                 continue
             host, event = self._to_host(out_dev)
             if pending is not None:  # hand over the previous batch while the GPU works on this one
-                encode_s += self._write(writer, *pending)
+                encode_s += self._write(writer, *pending, i420=i420)
             pending = (host, event)
             start = stop
             if progress is not None:
                 progress("generate", start, total)
         if pending is not None:
-            encode_s += self._write(writer, *pending)
+            encode_s += self._write(writer, *pending, i420=i420)
         st.sync()
         loop_s = time.perf_counter() - t0
         gen_s, blend_s = timer.totals()
@@ -557,12 +582,12 @@ class Pipeline:
         return host, event
 
     @staticmethod
-    def _write(writer: Any, host: torch.Tensor, event: Any) -> float:
+    def _write(writer: Any, host: torch.Tensor, event: Any, *, i420: bool = False) -> float:
         if event is not None:
             event.synchronize()
         t = time.perf_counter()
         try:
-            writer.write(host.numpy())
+            (writer.write_i420 if i420 else writer.write)(host.numpy())
         except JobError:
             raise
         except Exception as exc:  # the encoder thread or ffmpeg failed
