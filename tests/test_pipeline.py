@@ -275,3 +275,18 @@ def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
 def test_version_mismatch_is_a_spec_error(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
     with pytest.raises(SpecError, match="version"):
         pipe.run(face_video, speech_wav, tmp_path / "o.mp4", EngineOptions(version="v1", boxes_file=boxes_file))
+
+
+def test_auto_batch_size_follows_free_memory() -> None:
+    from musetalk_job.pipeline import auto_batch_size
+
+    cuda, gib, frame_720p = torch.device("cuda"), 2**30, 1280 * 720 * 3
+    assert auto_batch_size(torch.device("cpu"), torch.float32, frame_720p) == 4
+    # a 12 GB consumer card with the models loaded, and an H200: the cap
+    assert auto_batch_size(cuda, torch.float16, frame_720p, free_bytes=int(9.5 * gib)) == 64
+    assert auto_batch_size(cuda, torch.float16, frame_720p, free_bytes=130 * gib) == 64
+    small = auto_batch_size(cuda, torch.float16, frame_720p, free_bytes=int(5.5 * gib))
+    assert 1 < small < 64
+    assert auto_batch_size(cuda, torch.float32, frame_720p, free_bytes=int(9.5 * gib)) < 64  # fp32 needs twice the workspace
+    assert auto_batch_size(cuda, torch.float16, 3840 * 2160 * 3, free_bytes=int(5.5 * gib)) < small  # 4K frames
+    assert auto_batch_size(cuda, torch.float16, frame_720p, free_bytes=gib) == 1  # never below 1

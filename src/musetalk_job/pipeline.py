@@ -51,11 +51,13 @@ log = logging.getLogger(__name__)
 
 Box = tuple[int, int, int, int]
 
-# Device memory per output frame in a batch, fp16/bf16: on an H200 a 720p job at batch 64
-# peaked at 12.4 GiB, of which ~1.8 GiB weights and 0.7 GiB input frames → ~150 MiB per frame
-# (the VAE decoder's 256×256 activations dominate); 320 MiB leaves 2× headroom for other
-# resolutions and the allocator. fp32 doubles it; the composite adds ~4 frame-sized buffers.
-_BYTES_PER_FRAME_HALF = 320 * 2**20
+# Device memory model for the automatic batch size (fp16/bf16; fp32 doubles the model terms).
+# The VAE decoder's 256² activations dominate: ~150 MiB per image in flight on an H200 (12.4 GiB
+# peak at an unchunked batch of 64, of which ~1.8 GiB weights and 0.7 GiB input frames). They are
+# bounded by GPU_CHUNK images per call whatever the batch, so they are a fixed workspace; what
+# grows with the batch is the UNet's small activations, the faces and the composite's buffers.
+_WORKSPACE_PER_CHUNK_IMAGE_HALF = 192 * 2**20
+_BYTES_PER_FRAME_HALF = 4 * 2**20
 _MAX_AUTO_BATCH = 64
 _CPU_BATCH = 4
 _FREE_MEMORY_FRACTION = 0.6
@@ -151,13 +153,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def auto_batch_size(device: torch.device, dtype: torch.dtype, frame_bytes: int) -> int:
-    """Batch size from free device memory: ``free·0.6 / per-frame estimate``, capped at 64; CPU: 4."""
+def auto_batch_size(device: torch.device, dtype: torch.dtype, frame_bytes: int, free_bytes: Optional[int] = None) -> int:
+    """Batch size from free device memory (``free_bytes``, default: what CUDA reports now):
+    ``(free·0.6 − chunk workspace) / per-frame bytes``, between 1 and 64; CPU: 4.
+
+    With the models loaded, a 12 GB card (~9.5 GiB free) gets 64 at 720p and 1080p; the job's
+    peak stays near weights + ~4 GiB (bench/README.md, "Memory")."""
     if device.type != "cuda":
         return _CPU_BATCH
-    free, _total = torch.cuda.mem_get_info(device)
-    per_frame = _BYTES_PER_FRAME_HALF * (2 if dtype == torch.float32 else 1) + 4 * frame_bytes
-    return int(max(1, min(_MAX_AUTO_BATCH, (free * _FREE_MEMORY_FRACTION) // per_frame)))
+    if free_bytes is None:
+        free_bytes, _total = torch.cuda.mem_get_info(device)
+    scale = 2 if dtype == torch.float32 else 1
+    workspace = GPU_CHUNK * _WORKSPACE_PER_CHUNK_IMAGE_HALF * scale
+    per_frame = _BYTES_PER_FRAME_HALF * scale + 4 * frame_bytes
+    return int(max(1, min(_MAX_AUTO_BATCH, (free_bytes * _FREE_MEMORY_FRACTION - workspace) // per_frame)))
 
 
 class Pipeline:
