@@ -34,7 +34,7 @@ import sys
 import time
 import wave
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -196,6 +196,11 @@ def micro(pipe: Any, batch: int) -> dict[str, Any]:
         s = _cuda_time(lambda: decode_latents(m.vae, lat[:, :4]))
         out["vae_decode_ms_per_frame"] = round(s / batch * 1e3, 3)
         out["vae_decode_tflops"] = round(GFLOP_VAE_DECODE * batch / s / 1e3, 1)
+        from musetalk_job.pipeline import GPU_CHUNK
+
+        if batch > GPU_CHUNK:  # what the engine runs: the decoder in chunks (memory)
+            s = _cuda_time(lambda: decode_latents(m.vae, lat[:, :4], GPU_CHUNK))
+            out[f"vae_decode_chunk{GPU_CHUNK}_ms_per_frame"] = round(s / batch * 1e3, 3)
         s = _cuda_time(lambda: m.vae.encode(img).latent_dist.mean)
         out["vae_encode_ms_per_input_frame"] = round(s / batch * 1e3, 3)
         out["vae_encode_tflops"] = round(GFLOP_VAE_ENCODE * batch / s / 1e3, 1)
@@ -289,7 +294,7 @@ def encoder_micro(frames: np.ndarray, work: Path) -> dict[str, Any]:
     return out
 
 
-def w1_run(pipe: Any, video: Path, audio: Path, boxes: Path, out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
+def w1_run(pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
     import torch
 
     from musetalk_job.options import EngineOptions
@@ -435,6 +440,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             runs["cache_repeat"]["speedup_vs_first"] = round(
                 runs["cache_first"]["wall_s"] / runs["cache_repeat"]["wall_s"], 2
             )
+            # A first job that really detects its faces (the cascade backend: random DWPose
+            # weights find none), then a repeat that takes everything from the cache.
+            pipe.avatar_cache = AvatarCache(Path(root) / "detect")
+            runs["cache_first_detect"] = w1_run(pipe, video, audio, None, out_dir, "cd1", batch_size=args.batch_size,
+                                                landmarks="cascade")
+            runs["cache_repeat_detect"] = w1_run(pipe, video, audio, None, out_dir, "cd2", batch_size=args.batch_size,
+                                                 landmarks="cascade")
+            runs["cache_repeat_detect"]["speedup_vs_first"] = round(
+                runs["cache_first_detect"]["wall_s"] / runs["cache_repeat_detect"]["wall_s"], 2
+            )
             # A short job (10 s of speech over the same 10 s video): preprocessing is a larger share.
             short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
             pipe.avatar_cache = AvatarCache(Path(root) / "short")
@@ -444,6 +459,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 runs["short_cache_first"]["wall_s"] / runs["short_cache_repeat"]["wall_s"], 2
             )
         pipe.avatar_cache = saved
+        save()
+    if args.memory_batches:
+        # Peak device memory and speed per batch size on a 10 s job (250 output frames).
+        short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
+        report["memory"] = {
+            str(b): {k: r[k] for k in ("wall_s", "output_fps", "peak_gpu_mem_gib", "batch_size")}
+            for b in args.memory_batches
+            for r in [w1_run(pipe, video, short, boxes, out_dir, f"mem{b}", batch_size=b)]
+        }
         save()
     batch = runs["warm"]["batch_size"]
     report["micro"] = micro(pipe, batch)
@@ -491,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cudnn-compare", type=int, default=1, help="also time the models with cudnn heuristics (1/0)")
     p.add_argument("--encoder-micro", type=int, default=1, help="time RGB->YUV conversion and libx264 alone (1/0)")
     p.add_argument("--avatar-cache", type=int, default=1, help="also run the same video twice through the avatar cache (1/0)")
+    p.add_argument("--memory-batches", type=int, nargs="*", default=[8, 16, 32, 64],
+                   help="peak GPU memory and speed of a 10 s job at each batch size ('' to skip)")
     p.add_argument("--skip-ceilings", action="store_true")
     p.add_argument("--only-cold-warm", action="store_true", help="skip the preset/channels-last extra runs")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])
