@@ -420,6 +420,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     save()
     runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
     save()
+    if args.baseline:
+        # The encoder hand-off as before this round (CPU colour conversion, one libx264 stream),
+        # in the same process: the before/after of the encoder levers from one run.
+        pipe.device_colour, pipe.encoder_workers = False, 1
+        try:
+            runs["warm_baseline_encoder"] = w1_run(pipe, video, audio, boxes, out_dir, "base", batch_size=args.batch_size)
+        finally:
+            pipe.device_colour, pipe.encoder_workers = True, None
+        save()
     if args.fast_preset and not args.only_cold_warm:
         runs["warm_preset_" + args.fast_preset] = w1_run(
             pipe, video, audio, boxes, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
@@ -517,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--avatar-cache", type=int, default=1, help="also run the same video twice through the avatar cache (1/0)")
     p.add_argument("--memory-batches", type=int, nargs="*", default=[8, 16, 32, 64],
                    help="peak GPU memory and speed of a 10 s job at each batch size ('' to skip)")
+    p.add_argument("--baseline", type=int, default=1, help="also run W1 with the old encoder hand-off (1/0)")
     p.add_argument("--skip-ceilings", action="store_true")
     p.add_argument("--only-cold-warm", action="store_true", help="skip the preset/channels-last extra runs")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])

@@ -188,6 +188,11 @@ class Pipeline:
         # first-use set-up (cuDNN plans, lazy kernel loading); on CPU there is nothing to gain.
         self.pad_batches = self.device.type == "cuda"
         self.channels_last = False
+        # Encoder hand-off: I420 converted on the device (when the writer takes it) and the writer's
+        # parallel segments (None: its own choice from the CPU count). Benchmarks switch them off
+        # to measure the before/after in one run.
+        self.device_colour = True
+        self.encoder_workers: Optional[int] = None
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
 
@@ -531,7 +536,7 @@ class Pipeline:
         timer = _GpuTimer(self.device)
         # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
         # host, and no per-frame swscale on the CPU (colour.rgb_to_i420 matches it, see its tests).
-        i420 = bool(getattr(writer, "accepts_i420", False))
+        i420 = self.device_colour and bool(getattr(writer, "accepts_i420", False))
         pending: Optional[tuple[torch.Tensor, Any]] = None  # (host tensor, copy-done event)
         encode_s = 0.0
         start = 0
@@ -642,6 +647,7 @@ class Pipeline:
                 writer = VideoWriter(
                     output, width=w, height=h, fps=fps, audio_path=audio,
                     codec=options.codec, crf=options.crf, preset=options.preset,
+                    **({} if self.encoder_workers is None else {"workers": self.encoder_workers}),
                 )
             except JobError:
                 raise
