@@ -123,9 +123,10 @@ def test_frozen_shapes_pad_or_run_eagerly(models: Any, mode: str) -> None:
     if mode == "regional":
         blocks = compiled._state(models.unet).compiled_modules + compiled._state(models.vae).compiled_modules
         assert {type(b).__name__ for b in blocks} >= {"ResnetBlock2D", "Transformer2DModel", "Attention", "Upsample2D"}
-    compiled.warmup(models, [4], decode_chunk=2)
+    compiled.ensure_warm(models, 4, decode_chunk=2)
     assert compiled._state(models.unet).batches == {4} and compiled._state(models.vae).batches == {2}
     graphs = _graphs()
+    assert compiled.ensure_warm(models, 4, decode_chunk=2) == 0.0  # already warm: nothing runs
     assert graphs > 0
     # Batch 3 is padded to the compiled 4 (UNet) and its decoder chunks (2, then 1 → 2).
     pred3, faces3 = _hot(models, lat[:3], cond[:3], ts, chunk=2)
@@ -136,6 +137,11 @@ def test_frozen_shapes_pad_or_run_eagerly(models: Any, mode: str) -> None:
     torch.testing.assert_close(pred6, ref_pred, rtol=1e-5, atol=1e-5)
     assert (faces6.int() - ref_faces.int()).abs().max() <= 1
     assert _graphs() == graphs, "a frozen model compiled a new shape"
+    # Same shape, but grad mode on and non-inference inputs: guards fail → eager, no new graph.
+    with torch.no_grad():
+        pred4 = models.unet(lat[:4], ts, encoder_hidden_states=cond[:4]).sample
+    torch.testing.assert_close(pred4, ref_pred[:4], rtol=1e-5, atol=1e-5)
+    assert _graphs() == graphs, "a frozen model recompiled for another guard"
     assert compiled.is_enabled(models)
     compiled.disable(models)
     assert "forward" not in models.unet.__dict__ and "decode" not in models.vae.__dict__

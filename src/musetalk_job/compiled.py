@@ -30,7 +30,9 @@ Contract:
   ``latents.decode_latents(vae, z, decode_chunk)`` produces for them, then *freezes* the shape
   sets: afterwards a call whose batch is not compiled is padded (repeating its last row) to the
   smallest compiled batch that is larger and its output sliced back, or, when none is larger,
-  runs eagerly — a job never stalls on a compile in its hot loop. Before ``warmup`` every new
+  runs eagerly; any other guard failure (grad mode, inference flags) also runs eagerly
+  (``torch.compiler.set_stance("eager_on_recompile")`` around frozen calls) — a job never stalls
+  on a compile in its hot loop. Before ``warmup`` every new
   shape compiles on first use.
 - Persistent cache: ``configure_cache()`` (called by ``enable``) points inductor's on-disk caches
   (``TORCHINDUCTOR_CACHE_DIR``, FX graph cache, AOTAutograd cache; Triton's kernels live below it)
@@ -41,6 +43,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -259,6 +262,16 @@ def _target_batch(state: _State, n: int) -> Optional[int]:
     return min(larger) if larger else None
 
 
+def _frozen_stance(state: _State) -> Any:
+    """Once shapes are frozen: dynamo reuses the compiled graphs and runs anything that would
+    need a new one (a guard that fails for another reason than the batch, e.g. grad mode or a
+    tensor's inference flag) eagerly instead of compiling it in the hot loop."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if state.batches is None or set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("eager_on_recompile")
+
+
 def _slice_output(out: Any, n: int) -> Any:
     if isinstance(out, torch.Tensor):
         return out[:n]
@@ -286,10 +299,11 @@ def _wrap_unet(unet: nn.Module, state: _State) -> None:
             with _eager_blocks(state):
                 return eager_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         try:
-            if m != n:
-                out = run(_pad_rows(sample, m), timestep, _pad_rows(encoder_hidden_states, m), **kwargs)
-                return _slice_output(out, n)
-            return run(sample, timestep, encoder_hidden_states, **kwargs)
+            with _frozen_stance(state):
+                if m != n:
+                    out = run(_pad_rows(sample, m), timestep, _pad_rows(encoder_hidden_states, m), **kwargs)
+                    return _slice_output(out, n)
+                return run(sample, timestep, encoder_hidden_states, **kwargs)
         except Exception as exc:
             if _is_oom(exc) or state.group is None:
                 raise
@@ -319,7 +333,8 @@ def _wrap_vae(vae: nn.Module, state: _State) -> None:
             with _eager_blocks(state):
                 return eager_decode(z, return_dict=return_dict, generator=generator)
         try:
-            dec = run(_pad_rows(z, m))[:n] if m != n else run(z)
+            with _frozen_stance(state):
+                dec = run(_pad_rows(z, m))[:n] if m != n else run(z)
         except Exception as exc:
             if _is_oom(exc) or state.group is None:
                 raise
@@ -515,3 +530,21 @@ def _run_shapes(models: Any, batches: list[int], decodes: list[int], tokens: int
     vp = next(vae.parameters())
     for c in decodes:
         vae.decode(torch.zeros((c, latent_ch, sample_size, sample_size), device=vp.device, dtype=vp.dtype))
+
+
+def ensure_warm(
+    models: Any,
+    batch: int,
+    *,
+    decode_chunk: Optional[int] = None,
+    tokens: int = 50,
+    timestep: Optional[torch.Tensor] = None,
+) -> float:
+    """``warmup`` at ``batch`` (plus the batches already compiled) unless it is compiled already:
+    the one call the engine makes before a job's hot loop. 0 when compiling is off or warm."""
+    state = _state(models.unet)
+    if state is None or not state.active:
+        return 0.0
+    if state.batches is not None and batch in state.batches:
+        return 0.0
+    return warmup(models, sorted((state.batches or set()) | {int(batch)}), decode_chunk=decode_chunk, tokens=tokens, timestep=timestep)
