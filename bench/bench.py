@@ -416,6 +416,22 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     runs: dict[str, Any] = {}
     report["w1"] = runs
+    if args.compile:
+        # W1 end to end with torch.compile (MUSETALK_COMPILE's modes), then stop.
+        from musetalk_job import compiled
+
+        t = time.perf_counter()
+        pipe.compiled = compiled.enable(pipe.models, mode=args.compile)
+        report["compile_enabled"] = pipe.compiled
+        report["compile_cache"] = str(compiled.cache_dir())
+        report["compile_warmup_s"] = round(pipe.warmup(args.batch_size), 2)  # compiles at the job batch
+        report["compile_failure"] = compiled.failure(pipe.models)
+        save()
+        runs["cold_compiled"] = w1_run(pipe, video, audio, boxes, out_dir, "cc", batch_size=args.batch_size)
+        runs["warm_compiled"] = w1_run(pipe, video, audio, boxes, out_dir, "wc", batch_size=args.batch_size)
+        report["compile_total_s"] = round(time.perf_counter() - t, 2)
+        save()
+        return report
     runs["cold"] = w1_run(pipe, video, audio, boxes, out_dir, "cold", batch_size=args.batch_size)
     save()
     runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
@@ -527,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-batches", type=int, nargs="*", default=[8, 16, 32, 64],
                    help="peak GPU memory and speed of a 10 s job at each batch size ('' to skip)")
     p.add_argument("--baseline", type=int, default=1, help="also run W1 with the old encoder hand-off (1/0)")
+    p.add_argument("--compile", default="", help="regional|full: only W1 cold+warm with torch.compile")
     p.add_argument("--skip-ceilings", action="store_true")
     p.add_argument("--only-cold-warm", action="store_true", help="skip the preset/channels-last extra runs")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])

@@ -188,6 +188,7 @@ class Pipeline:
         # first-use set-up (cuDNN plans, lazy kernel loading); on CPU there is nothing to gain.
         self.pad_batches = self.device.type == "cuda"
         self.channels_last = False
+        self.compiled = False  # torch.compile active (compiled.maybe_enable_from_env)
         # Encoder hand-off: I420 converted on the device (when the writer takes it) and the writer's
         # parallel segments (None: its own choice from the CPU count). Benchmarks switch them off
         # to measure the before/after in one run.
@@ -232,6 +233,10 @@ class Pipeline:
             torch.backends.cudnn.allow_tf32 = True
         models = MuseTalkModels.load(Path(models_dir), version=version, device=dev, dtype=dt)
         pipe = cls(models, Path(models_dir))
+        from . import compiled
+
+        # Opt-in torch.compile of the UNet and VAE decoder (MUSETALK_COMPILE, docs/compile.md).
+        pipe.compiled = compiled.maybe_enable_from_env(models)
         if landmarks is not None:
             pipe.detector(landmarks)
         if warmup:
@@ -251,6 +256,9 @@ class Pipeline:
         m = self.models
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
+        from . import compiled
+
+        compiled.ensure_warm(m, batch, decode_chunk=self._chunk(batch), timestep=self._timestep)
         decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample, self._chunk(batch))
         enc = self._encode_batch(batch)
         crops = torch.zeros((enc, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
@@ -532,6 +540,11 @@ class Pipeline:
         st = stages or _Stages(self.device)
         total = int(audio.shape[0])
         plan = _Plan.build(prep, total, batch_size, self.device)
+        from . import compiled
+
+        # With compile on, the graphs for this batch are built (or loaded from the cache) here,
+        # once, not inside the loop; a no-op when compile is off or already warm.
+        compile_s = compiled.ensure_warm(self.models, plan.batch, decode_chunk=self._chunk(plan.batch), timestep=self._timestep)
         frames_dev = self._frame_upload(prep.frames[: prep.n_used])
         timer = _GpuTimer(self.device)
         # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
@@ -563,6 +576,12 @@ class Pipeline:
                     ) from None
                 batch = plan.batch = max(1, batch // 2)
                 log.warning("out of GPU memory while generating; retrying with batch size %d", batch)
+                if self.compiled:  # compiled graphs pad to their batch: halving needs eager
+                    from . import compiled
+
+                    compiled.disable(self.models)
+                    self.compiled = False
+                    log.warning("torch.compile switched off for this pipeline after running out of memory")
                 continue
             host, event = self._to_host(out_dev)
             if pending is not None:  # hand over the previous batch while the GPU works on this one
@@ -582,7 +601,8 @@ class Pipeline:
         st.add("generate", gen_s if self.device.type != "cuda" else max(gen_s, loop_s - blend_s - encode_s))
         st.add("blend", blend_s)
         self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": blend_s,
-                             "encoder_wait_s": encode_s, "output_frames": total, "batch_size": batch}
+                             "encoder_wait_s": encode_s, "output_frames": total, "batch_size": batch,
+                             "compile_s": compile_s}
         st.add("encode", encode_s)
         return batch
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of bench/README.md in one command, JSON into one folder:
+#   bash bench/run_all.sh OUT_DIR [main|extra|all]
+# main : bench.py (W1 cold/warm/baseline/presets, avatar cache, memory per batch, micro, landmarks)
+#        and encoder_bench.py (CPU encoder alone)
+# extra: compile_bench.py (torch.compile vs eager) and cold_start.py (page cache dropped; root)
+# Each part writes <name>.json and <name>.log; a failing part does not stop the others.
+set -u
+out=${1:?usage: bash bench/run_all.sh OUT_DIR [main|extra|all]}
+part=${2:-all}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")" && pwd)
+models=${MUSETALK_BENCH_MODELS:-/tmp/musetalk-bench-models}
+py=${PYTHON:-python3}
+step() {  # name, command...
+  local name=$1; shift
+  echo "== $name: $*" >&2
+  local t=$SECONDS
+  "$@" >"$out/$name.json" 2>"$out/$name.log"
+  echo "== $name: exit $? in $((SECONDS - t)) s" >&2
+}
+if [[ $part == main || $part == all ]]; then
+  step encoder "$py" "$here/encoder_bench.py"
+  "$py" "$here/bench.py" --media "$here/../.bench/media" --models "$models" --out "$out/bench.json" \
+    --skip-ceilings --channels-last 0 --cudnn-compare 0 --encoder-micro 0 --landmark-batches 4 \
+    >"$out/bench.log" 2>&1
+  echo "== bench: exit $?" >&2
+fi
+if [[ $part == extra || $part == all ]]; then
+  "$py" "$here/bench.py" --media "$here/../.bench/media" --models "$models" --out "$out/bench_compiled.json" \
+    --skip-ceilings --compile "${MUSETALK_BENCH_COMPILE:-regional}" >"$out/bench_compiled.log" 2>&1
+  echo "== bench --compile: exit $?" >&2
+  step compile "$py" "$here/compile_bench.py" --models "$models"
+  step cold_start "$py" "$here/cold_start.py" --models-dir "$models" --convert --repeats 3 --drop-caches
+fi
