@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of bench/README.md in one command, JSON into one folder:
-#   bash bench/run_all.sh OUT_DIR [main|extra|all]
-# main : bench.py (W1 cold/warm/baseline/presets, avatar cache, memory per batch, micro, landmarks)
-#        and encoder_bench.py (CPU encoder alone)
-# extra: compile_bench.py (torch.compile vs eager) and cold_start.py (page cache dropped; root)
+#   bash bench/run_all.sh OUT_DIR [main|compile|cold|all]
+# main   : bench.py (W1 cold/warm/baseline/presets, avatar cache, memory per batch, micro, landmarks)
+#          and encoder_bench.py (CPU encoder alone)
+# compile: W1 with torch.compile (bench.py --compile) and compile_bench.py (models alone)
+# cold   : cold_start.py (page cache dropped before every run; needs root)
 # Each part writes <name>.json and <name>.log; a failing part does not stop the others.
 set -u
-out=${1:?usage: bash bench/run_all.sh OUT_DIR [main|extra|all]}
+out=${1:?usage: bash bench/run_all.sh OUT_DIR [main|compile|cold|all]}
 part=${2:-all}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,10 +27,12 @@ if [[ $part == main || $part == all ]]; then
     >"$out/bench.log" 2>&1
   echo "== bench: exit $?" >&2
 fi
-if [[ $part == extra || $part == all ]]; then
+if [[ $part == compile || $part == all ]]; then
   "$py" "$here/bench.py" --media "$here/../.bench/media" --models "$models" --out "$out/bench_compiled.json" \
     --skip-ceilings --compile "${MUSETALK_BENCH_COMPILE:-regional}" >"$out/bench_compiled.log" 2>&1
   echo "== bench --compile: exit $?" >&2
-  step compile "$py" "$here/compile_bench.py" --models "$models"
+  step compile "$py" "$here/compile_bench.py" --models "$models" --budget-s "${MUSETALK_BENCH_COMPILE_BUDGET:-180}"
+fi
+if [[ $part == cold || $part == all ]]; then
   step cold_start "$py" "$here/cold_start.py" --models-dir "$models" --convert --repeats 3 --drop-caches
 fi
