@@ -23,7 +23,7 @@ step() {  # name, command...
 if [[ $part == main || $part == all ]]; then
   step encoder "$py" "$here/encoder_bench.py"
   "$py" "$here/bench.py" --media "$here/../.bench/media" --models "$models" --out "$out/bench.json" \
-    --skip-ceilings --channels-last 0 --cudnn-compare 0 --encoder-micro 0 --landmark-batches 4 \
+    --channels-last 0 --cudnn-compare 0 --encoder-micro 0 --landmark-batches 4 \
     >"$out/bench.log" 2>&1
   echo "== bench: exit $?" >&2
 fi
