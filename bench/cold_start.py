@@ -3,6 +3,7 @@
 
     python bench/cold_start.py --models-dir models [--convert] [--repeats 3] [--drop-caches] > cold.json
     python bench/cold_start.py --models-dir .bench/models --write-random full --convert   # no real weights
+    python bench/cold_start.py --models-dir models --drop-caches --loaders parallel,serial --read-throughput
 
 "Models ready" is what a job waits for: a fresh ``python`` process imports the package, builds
 ``Pipeline.from_models_dir(models_dir, device=..., version=..., landmarks=...)`` (UNet, VAE,
@@ -18,6 +19,16 @@ Page cache: with ``--drop-caches`` (root only) every run starts with a dropped p
 (``sync`` + ``/proc/sys/vm/drop_caches``), i.e. weights come from disk as on a fresh node;
 without it, one untimed warm-up per mode runs first and the figures are warm-cache figures.
 The JSON says which. Prints one JSON object on stdout; progress goes to stderr.
+
+Per run, ``load_breakdown`` / ``load_timeline`` are ``MuseTalkModels.load``'s own step times
+(docs/engine-models.md, "Cold start"). ``--loaders parallel,serial`` also runs the plain serial
+loader (``MUSETALK_LOAD_PARALLEL=0``) and reports it under ``loaders.serial``; the top-level
+``original``/``fast`` keys are always the first loader's. ``--early-prefetch`` starts
+``fastio.prefetch`` in the child before ``import torch`` (what an entry point can do).
+``--load-dtype fp16`` runs in fp16 (so the fp16 fast copies are used on a CPU too).
+``--read-throughput`` adds the raw read speed of the weight files, one thread sequentially and
+with N threads of ``fastio.Reader`` (page cache dropped before each when possible);
+``--repeats 0`` with it measures only that.
 """
 
 from __future__ import annotations
@@ -43,13 +54,21 @@ FAST_KEYS_BASE = ("vae", "whisper-encoder", "bisenet")
 def _child(args: argparse.Namespace) -> None:
     """Runs in the measured process: load everything, report timestamps as JSON."""
     t_imports0 = time.time()
+    prefetched: list[str] = []
+    if args.early_prefetch:
+        from musetalk_job.models import fastio
+
+        on_cuda = args.device.startswith("cuda") if args.device else os.path.exists("/dev/nvidiactl")
+        dtype = args.load_dtype or ("fp16" if on_cuda else None)
+        dtype = None if dtype == "fp32" else dtype
+        prefetched = [str(p) for p in fastio.prefetch(args.models_dir, args.version, dtype)]
     import torch
 
     from musetalk_job.pipeline import Pipeline
 
     t_imports = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = Pipeline.from_models_dir(args.models_dir, device=device, version=args.version,
+    pipe = Pipeline.from_models_dir(args.models_dir, device=device, version=args.version, dtype=args.load_dtype,
                                     landmarks=None if args.landmarks == "none" else args.landmarks)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -66,6 +85,9 @@ def _child(args: argparse.Namespace) -> None:
         "sources": sources,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        "load_breakdown": getattr(pipe.models, "load_breakdown", {}),
+        "load_timeline": getattr(pipe.models, "load_timeline", {}),
+        "prefetched": prefetched,
     }))
 
 
@@ -92,12 +114,21 @@ def _drop_caches() -> bool:
         return False
 
 
-def _run_child(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _run_child(models_dir: Path, args: argparse.Namespace, loader: str = "parallel") -> dict[str, Any]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--models-dir", str(models_dir),
             "--version", args.version, "--landmarks", args.landmarks]
     if args.device:
         argv += ["--device", args.device]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    if args.load_dtype:
+        argv += ["--load-dtype", args.load_dtype]
+    if args.early_prefetch:
+        argv += ["--early-prefetch"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")])),
+           "MUSETALK_LOAD_PARALLEL": "0" if loader == "serial" else "1"}
+    if args.warm_manifest == "off":
+        env["MUSETALK_WARM_MANIFEST"] = "0"
+    elif args.warm_manifest == "record":
+        env["MUSETALK_WARM_MANIFEST"] = str(args.manifest_file)
     t_spawn = time.time()
     res = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     t_exit = time.time()
@@ -117,12 +148,55 @@ def _run_child(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "gpu": out["gpu"],
         "peak_gpu_bytes": out["peak_gpu_bytes"],
         "fast_sources": sorted(k for k, v in out["sources"].items() if v["fast"]),
+        "loader": loader,
+        "load_breakdown": out.get("load_breakdown", {}),
+        "load_timeline": out.get("load_timeline", {}),
+        "prefetched": out.get("prefetched", []),
     }
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     values = [r["start_to_ready_s"] for r in runs]
-    return {"median_s": round(statistics.median(values), 3), "min_s": min(values), "max_s": max(values), "runs": runs}
+    keys = sorted({k for r in runs for k in r["load_breakdown"]})
+    breakdown = {k: round(statistics.median([r["load_breakdown"].get(k, 0.0) for r in runs]), 3) for k in keys}
+    return {"median_s": round(statistics.median(values), 3), "min_s": min(values), "max_s": max(values),
+            "load_breakdown_median": breakdown, "runs": runs}
+
+
+def _manifest_bytes(path: Path) -> int:
+    total = 0
+    for entry in json.loads(path.read_text())["files"]:
+        try:
+            total += sum(b for _a, b in entry["ranges"]) if "ranges" in entry else os.path.getsize(entry["path"])
+        except OSError:
+            pass
+    return total
+
+
+def _weight_files(models_dir: Path, mode: str, version: str) -> list[Path]:
+    """The weight files a load reads: the originals, or the fast copies where current."""
+    from musetalk_job.models import fastio
+
+    return fastio.planned_files(models_dir, version, "fp16" if mode == "fast" else None)
+
+
+def _read_throughput(models_dir: Path, args: argparse.Namespace, can_drop: bool) -> dict[str, Any]:
+    """Raw read speed of the weight files: one thread, then N threads (page cache dropped before each)."""
+    from musetalk_job.models import fastio
+
+    out: dict[str, Any] = {"page_cache": "dropped before each" if can_drop else "warm (could not drop)",
+                           "chunk_bytes": fastio.CHUNK_BYTES}
+    for mode in ("original", "fast"):
+        files = _weight_files(models_dir, mode, args.version)
+        entry: dict[str, Any] = {"files": [str(p) for p in files], "bytes": sum(p.stat().st_size for p in files)}
+        for workers in [1, *args.read_workers]:
+            if can_drop:
+                _drop_caches()
+            res = fastio.throughput(files, workers)
+            entry["sequential" if workers == 1 else f"parallel_{workers}"] = res
+            _log(f"read {mode} with {workers} thread(s): {res['gb_per_s']:.3f} GB/s ({res['bytes'] / 1e9:.2f} GB in {res['seconds']:.2f}s)")
+        out[mode] = entry
+    return out
 
 
 def _log(msg: str) -> None:
@@ -142,6 +216,19 @@ def main() -> int:
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="dtype of the fast copies (--convert)")
     p.add_argument("--write-random", choices=("tiny", "full"), default=None,
                    help="write random weights of this size into an empty --models-dir first")
+    p.add_argument("--loaders", default="parallel",
+                   help="comma-separated loaders to time: parallel (default), serial (MUSETALK_LOAD_PARALLEL=0)")
+    p.add_argument("--load-dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="dtype of the run (default: fp16 on CUDA, fp32 on CPU; fp16 uses the fast copies on CPU)")
+    p.add_argument("--early-prefetch", action="store_true",
+                   help="child starts fastio.prefetch before importing torch")
+    p.add_argument("--read-throughput", action="store_true",
+                   help="also report raw sequential/parallel read speed of the weight files")
+    p.add_argument("--read-workers", default="4,16,32", type=lambda v: [int(x) for x in v.split(",") if x],
+                   help="thread counts for --read-throughput (default 4,16,32)")
+    p.add_argument("--warm-manifest", choices=("record", "off", "inherit"), default="record",
+                   help="record (default): one untimed run records a fresh warm manifest in a temp dir that the "
+                        "timed runs use; off: MUSETALK_WARM_MANIFEST=0; inherit: the environment's")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -186,32 +273,61 @@ def main() -> int:
         "fast": sum(p.stat().st_size for p in (models_dir / layout.FAST_DIR).glob("*.safetensors")),
     }
 
+    loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
+    if not loaders or any(x not in ("parallel", "serial") for x in loaders):
+        raise SystemExit(f"cold_start: --loaders takes parallel and/or serial, got {args.loaders!r}")
+    result["loaders_timed"] = loaders
+    result["warm_manifest_mode"] = args.warm_manifest
+    result["early_prefetch"] = args.early_prefetch
+    can_drop = _drop_caches() if args.drop_caches or args.read_throughput else False
+    if args.read_throughput:
+        result["read_throughput"] = _read_throughput(models_dir, args, can_drop)
+
     with tempfile.TemporaryDirectory(prefix="cold-start-") as tmp:
         dirs = {"original": _shadow_dir(models_dir, Path(tmp)), "fast": models_dir}
-        runs: dict[str, list[dict[str, Any]]] = {"original": [], "fast": []}
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {lo: {"original": [], "fast": []} for lo in loaders}
+        args.manifest_file = Path(tmp) / "warm-files.json"
+        if args.warm_manifest == "record" and args.repeats > 0:
+            _log("recording the warm manifest (untimed run)")
+            if args.drop_caches:
+                _drop_caches()
+            _run_child(dirs["fast"], args, "parallel")
+            for _ in range(50):  # written by a background thread at the end of the load
+                if args.manifest_file.is_file():
+                    break
+                time.sleep(0.1)
+            result["warm_manifest"] = {"files": len(json.loads(args.manifest_file.read_text())["files"]),
+                                       "warm_bytes": _manifest_bytes(args.manifest_file)} if args.manifest_file.is_file() else None
         dropped = None
         if args.drop_caches:
-            dropped = _drop_caches()
+            dropped = can_drop
             if not dropped:
                 _log("cannot drop the page cache (not root?): reporting warm-cache figures")
-        if not dropped:
+        if not dropped and args.repeats > 0:
             for mode, d in dirs.items():
                 _log(f"warm-up {mode}")
-                _run_child(d, args)
+                _run_child(d, args, loaders[0])
         for i in range(args.repeats):
             order = ("original", "fast") if i % 2 == 0 else ("fast", "original")
-            for mode in order:
-                if dropped:
-                    _drop_caches()
-                run = _run_child(dirs[mode], args)
-                _log(f"{mode} #{i + 1}: {run['start_to_ready_s']:.2f}s (fast: {', '.join(run['fast_sources']) or 'none'})")
-                runs[mode].append(run)
+            for loader in loaders if i % 2 == 0 else loaders[::-1]:
+                for mode in order:
+                    if dropped:
+                        _drop_caches()
+                    run = _run_child(dirs[mode], args, loader)
+                    bd = run["load_breakdown"]
+                    _log(f"{loader} {mode} #{i + 1}: {run['start_to_ready_s']:.2f}s (load {run['models_load_s']:.2f}s; "
+                         f"fast: {', '.join(run['fast_sources']) or 'none'}; "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(bd.items(), key=lambda kv: -kv[1])[:6]) + ")")
+                    runs[loader][mode].append(run)
     result["page_cache"] = "dropped before every run" if dropped else "warm (one untimed warm-up per mode)"
-    result["device"] = runs["fast"][0]["device"]
-    result["gpu"] = runs["fast"][0]["gpu"]
-    result["original"] = _summary(runs["original"])
-    result["fast"] = _summary(runs["fast"])
-    result["speedup"] = round(result["original"]["median_s"] / result["fast"]["median_s"], 2)
+    if args.repeats > 0:
+        first = runs[loaders[0]]
+        result["device"] = first["fast"][0]["device"]
+        result["gpu"] = first["fast"][0]["gpu"]
+        result["original"] = _summary(first["original"])
+        result["fast"] = _summary(first["fast"])
+        result["speedup"] = round(result["original"]["median_s"] / result["fast"]["median_s"], 2)
+        result["loaders"] = {lo: {"original": _summary(r["original"]), "fast": _summary(r["fast"])} for lo, r in runs.items()}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -20,22 +20,34 @@ Contract:
   with a warning.
 - Any missing, truncated, corrupt or mismatched file raises ``ModelsError`` naming the file and
   the download hint.
+- Cold start (``PARALLEL_LOAD``, default on; ``MUSETALK_LOAD_PARALLEL=0`` gives the plain serial
+  loader): independent work overlaps — CUDA context + cuBLAS/cuDNN warm-up in a background
+  thread, diffusers and transformers imported in two threads, every weight file read by
+  ``fastio.Reader`` (parallel ``os.preadv`` chunks; safetensors parsed zero-copy from the
+  buffer, torch zip/legacy files pulled into the page cache and then ``torch.load(mmap=True)``),
+  modules built on meta while the bytes arrive. Reads started earlier by ``fastio.prefetch`` are
+  taken over. Errors of any thread surface as they would serially (the same ``ModelsError``).
+- ``load_breakdown`` holds seconds per step and ``load_timeline`` (start, end) seconds since the
+  start of ``load`` (docs/engine-models.md, "Cold start", lists the keys).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import ModelsError
-from . import layout
+from . import fastio, layout
 from .bisenet import BiSeNet
 
 log = logging.getLogger(__name__)
@@ -49,6 +61,9 @@ WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 StateDict = dict[str, torch.Tensor]
+
+PARALLEL_LOAD = os.environ.get("MUSETALK_LOAD_PARALLEL", "1") != "0"
+WARM_CUDA_LIBS = os.environ.get("MUSETALK_LOAD_WARM_CUDA_LIBS", "1") != "0"
 
 
 def _hint(models_dir: Path) -> str:
@@ -80,15 +95,29 @@ def read_json(path: Path, models_dir: Path) -> dict[str, Any]:
     return data
 
 
-def read_state_dict(path: Path, models_dir: Path, device: torch.device | str = "cpu") -> StateDict:
-    """A flat ``{name: tensor}`` dict from a ``.safetensors`` or torch zip/legacy file (no unpickling)."""
+def read_state_dict(
+    path: Path,
+    models_dir: Path,
+    device: torch.device | str = "cpu",
+    handle: "fastio.ReadHandle | None" = None,
+) -> StateDict:
+    """A flat ``{name: tensor}`` dict from a ``.safetensors`` or torch zip/legacy file (no unpickling).
+
+    With ``handle`` (a ``fastio`` read of ``path``): waits for it; a safetensors file is parsed
+    from the read buffer (zero-copy CPU tensors, then moved to ``device``), any other file is
+    loaded as without it (the read only filled the page cache). Same tensors, same errors."""
     if not path.is_file():
         raise _error(path, "missing", models_dir)
     try:
-        if path.suffix == ".safetensors":
+        buffer = handle.result() if handle is not None else None
+        if buffer is not None and path.suffix == ".safetensors":
+            sd: Any = fastio.safetensors_from_buffer(buffer)
+            if torch.device(device).type != "cpu":
+                sd = {k: v.to(device) for k, v in sd.items()}
+        elif path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            sd: Any = load_file(str(path), device=str(device))
+            sd = load_file(str(path), device=str(device))
         else:
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -97,7 +126,7 @@ def read_state_dict(path: Path, models_dir: Path, device: torch.device | str = "
                 if "mmap" not in str(exc):
                     raise
                 sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad magic, refused pickle op, ...
+    except Exception as exc:  # truncated zip, bad magic, refused pickle op, short read, ...
         raise _error(path, f"unreadable or corrupt ({type(exc).__name__}: {_short(exc)})", models_dir) from exc
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
@@ -170,6 +199,146 @@ class ModelSource:
     fast: bool
 
 
+class _Timer:
+    """Per-step seconds (``breakdown``) and (start, end) since ``t0`` (``timeline``); thread-safe."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.breakdown: dict[str, float] = {}
+        self.timeline: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str, start: float, end: float) -> None:
+        with self._lock:
+            self.breakdown[key] = round(self.breakdown.get(key, 0.0) + end - start, 4)
+            first = self.timeline.get(key, (start - self.t0, 0.0))[0]
+            self.timeline[key] = (round(first, 4), round(end - self.t0, 4))
+
+    @contextmanager
+    def step(self, key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(key, start, time.perf_counter())
+
+
+class _Background:
+    """``fn()`` in a daemon thread; ``result()`` waits and re-raises its exception."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"musetalk-load-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _CudaWarmup:
+    """CUDA context (then cuBLAS and cuDNN, ``WARM_CUDA_LIBS``) created in a background thread."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, timer: _Timer) -> None:
+        self.device = device
+        self.context = threading.Event()
+        self._timer = timer
+        self._dtype = dtype
+        self._job = _Background("cuda", self._run)
+
+    def _run(self) -> None:
+        try:
+            with self._timer.step("cuda_init"):
+                torch.cuda.init()
+                torch.empty(1, device=self.device)
+        finally:
+            self.context.set()
+        if WARM_CUDA_LIBS:
+            with self._timer.step("cuda_libs"):
+                a = torch.ones(16, 16, device=self.device, dtype=self._dtype)
+                torch.mm(a, a)  # cuBLAS / cuBLASLt handle and library load
+                x = torch.ones(1, 4, 8, 8, device=self.device, dtype=self._dtype)
+                torch.nn.functional.conv2d(x, torch.ones(4, 4, 3, 3, device=self.device, dtype=self._dtype), padding=1)
+                torch.cuda.synchronize(self.device)
+
+    def wait_context(self) -> None:
+        self.context.wait()
+        if not self._job._thread.is_alive():
+            self._job.result()  # a failed init raises here
+
+    def join(self) -> None:
+        self._job.result()
+
+
+def _import_diffusers() -> tuple[Any, Any]:
+    try:  # the submodules only (the top-level package resolves them lazily anyway)
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    except ImportError:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+    return UNet2DConditionModel, AutoencoderKL
+
+
+def _import_transformers() -> tuple[Any, Any, Any]:
+    try:
+        from transformers.models.whisper.configuration_whisper import WhisperConfig
+        from transformers.models.whisper.feature_extraction_whisper import WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    except ImportError:
+        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    return WhisperConfig, WhisperFeatureExtractor, WhisperEncoder
+
+
+class _Imports:
+    """diffusers, then transformers, imported in one background thread (``parallel``) or on demand.
+
+    One thread, not two: the imports are mostly CPU-bound bytecode execution under the GIL, so
+    two threads only delay diffusers (needed first, for the UNet) behind transformers."""
+
+    _FNS: dict[str, Callable[[], Any]] = {"diffusers": _import_diffusers, "transformers": _import_transformers}
+
+    def __init__(self, timer: _Timer, parallel: bool) -> None:
+        self._timer = timer
+        self._done: dict[str, threading.Event] = {k: threading.Event() for k in self._FNS}
+        self._values: dict[str, Any] = {}
+        self._errors: dict[str, BaseException] = {}
+        self._job = _Background("imports", self._run) if parallel else None
+
+    def _run(self) -> None:
+        for key, fn in self._FNS.items():
+            try:
+                with self._timer.step(f"import_{key}"):
+                    self._values[key] = fn()
+            except BaseException as exc:  # noqa: BLE001 - retried in the main thread by get()
+                self._errors[key] = exc
+            finally:
+                self._done[key].set()
+
+    def get(self, key: str) -> Any:
+        if key in self._values:
+            return self._values[key]
+        if self._job is not None:
+            with self._timer.step(f"wait_import_{key}"):
+                self._done[key].wait()
+            if key in self._values:
+                return self._values[key]
+            log.debug("background import of %s failed; importing in the main thread", key, exc_info=self._errors.get(key))
+        with self._timer.step(f"import_{key}"):
+            self._values[key] = self._FNS[key]()
+        return self._values[key]
+
+
 @dataclass
 class MuseTalkModels:
     """Everything the engine runs; see the module docstring."""
@@ -185,6 +354,8 @@ class MuseTalkModels:
     load_seconds: float
     vae_scaling_factor: float = VAE_SCALING_FACTOR
     sources: dict[str, ModelSource] = field(default_factory=dict)
+    load_breakdown: dict[str, float] = field(default_factory=dict)
+    load_timeline: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -194,46 +365,79 @@ class MuseTalkModels:
         version: str = "v15",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        parallel: bool | None = None,
     ) -> "MuseTalkModels":
+        """``parallel`` (default ``PARALLEL_LOAD``) overlaps CUDA init, imports and reads."""
         t0 = time.perf_counter()
+        timer = _Timer(t0)
+        parallel = PARALLEL_LOAD if parallel is None else parallel
+        if parallel:
+            with timer.step("warm_manifest"):  # import/library files into the page cache, in parallel
+                if not fastio.warm_manifest() and not fastio.manifest_is_current():
+                    fastio.start_recording()  # for record_manifest at the end
         models_dir = Path(models_dir)
         if version not in layout.UNET:
             raise ModelsError(f"unknown model version {version!r}; expected one of {sorted(layout.UNET)}")
         if not models_dir.is_dir():
             raise ModelsError(f"models dir {models_dir} does not exist; {_hint(models_dir)}")
-        _check_sizes(models_dir, version)
         device = torch.device(device) if device is not None else default_device()
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+            # current_device() would create the context here; before init it is device 0
+            device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
         dtype = dtype or default_dtype(device)
-        loader = _Loader(models_dir, device, dtype)
-        unet = loader.unet(version)
-        vae, scaling = loader.vae()
-        whisper, feature_extractor = loader.whisper()
-        bisenet = loader.bisenet()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        cuda = _CudaWarmup(device, dtype, timer) if parallel and device.type == "cuda" else None
+        imports = _Imports(timer, parallel)
+        reader = fastio.shared_reader() if parallel else None
+        with timer.step("check_sizes"):
+            _check_sizes(models_dir, version)
+        loader = _Loader(models_dir, device, dtype, timer, imports, reader, cuda)
+        try:
+            specs = loader.plan(version)
+            loader.prebuild(specs)
+            unet = loader.load_spec(specs["unet"])
+            vae = loader.load_spec(specs["vae"])
+            whisper = loader.load_spec(specs["whisper"])
+            feature_extractor = loader.feature_extractor(specs["whisper"])
+            bisenet = loader.load_spec(specs["bisenet"])
+            if cuda is not None:
+                with timer.step("wait_cuda_libs"):
+                    cuda.join()
+            if device.type == "cuda":
+                with timer.step("synchronize"):
+                    torch.cuda.synchronize(device)
+        finally:
+            loader.close()
         seconds = time.perf_counter() - t0
+        timer.breakdown["total"] = round(seconds, 4)
+        if parallel and not fastio.manifest_is_current():
+            # for the next cold start; off the critical path (a killed thread leaves no partial file)
+            threading.Thread(
+                target=fastio.record_manifest, kwargs={"exclude": [models_dir]}, name="musetalk-record-manifest", daemon=True
+            ).start()
         log.info(
-            "models loaded in %.2fs (version %s, %s, %s; fast copies: %s)",
+            "models loaded in %.2fs (version %s, %s, %s; fast copies: %s; %s)",
             seconds,
             version,
             device,
             str(dtype).replace("torch.", ""),
             ", ".join(k for k, s in loader.sources.items() if s.fast) or "none",
+            "parallel" if parallel else "serial",
         )
+        log.debug("load breakdown: %s", timer.breakdown)
         return cls(
             unet=unet,
             vae=vae,
             whisper=whisper,
             feature_extractor=feature_extractor,
-            bisenet=bisenet,
+            bisenet=bisenet,  # type: ignore[arg-type]
             device=device,
             dtype=dtype,
             version=version,
             load_seconds=seconds,
-            vae_scaling_factor=scaling,
+            vae_scaling_factor=specs["vae"].scaling,
             sources=loader.sources,
+            load_breakdown=dict(timer.breakdown),
+            load_timeline=dict(timer.timeline),
         )
 
 
@@ -252,56 +456,152 @@ def _check_sizes(models_dir: Path, version: str) -> None:
         raise ModelsError(f"{items}; {_hint(models_dir)}")
 
 
+@dataclass
+class _Spec:
+    """One model to load: where from, how to build it (on meta) and how to read the original."""
+
+    name: str
+    fast_key: str
+    original: Path
+    build: Callable[[StateDict, Path], nn.Module]
+    read_original: Callable[[], StateDict]
+    needs_state_dict: bool = False  # BiSeNet: its width comes from the tensor shapes
+    fast: Path | None = None  # the fast copy to try first
+    scaling: float = VAE_SCALING_FACTOR
+    extra: dict[str, Any] = field(default_factory=dict)
+    prebuilt: nn.Module | None = None
+
+
 class _Loader:
-    def __init__(self, models_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        timer: _Timer,
+        imports: _Imports,
+        reader: fastio.Reader | None,
+        cuda: _CudaWarmup | None,
+    ) -> None:
         self.dir = models_dir
         self.device = device
         self.dtype = dtype
+        self.timer = timer
+        self.imports = imports
+        self.reader = reader
+        self.cuda = cuda
         self.sources: dict[str, ModelSource] = {}
+        self._handles: dict[Path, fastio.ReadHandle] = {}
 
-    # -- helpers -----------------------------------------------------------------------
-    def _with_fast(
-        self,
-        name: str,
-        fast_key: str,
-        original: Path,
-        build: Callable[[StateDict, Path], nn.Module],
-        read_original: Callable[[], StateDict],
-    ) -> nn.Module:
-        """Build on meta and fill from the fast copy when usable, else from the original."""
+    # -- reads -------------------------------------------------------------------------
+    def _start_read(self, path: Path) -> None:
+        if self.reader is None or path in self._handles or not path.is_file():
+            return
+        handle = fastio.take(path)
+        try:
+            self._handles[path] = handle or fastio.start(path, self.reader)
+        except OSError:
+            pass  # read_state_dict reports it
+
+    def read(self, name: str, path: Path, device: torch.device | str = "cpu") -> StateDict:
+        """``read_state_dict`` of ``path`` through its parallel read when one was started."""
+        self._start_read(path)
+        handle = self._handles.pop(path, None)
+        if handle is None:
+            with self.timer.step(f"read_{name}"):
+                return read_state_dict(path, self.dir, device=device)
+        with self.timer.step(f"wait_read_{name}"):
+            try:
+                handle.result()
+            except BaseException:
+                pass  # read_state_dict below raises the ModelsError naming the file
+        if handle.finished is not None:
+            self.timer.add(f"read_{name}", handle.started, handle.finished)
+        with self.timer.step(f"parse_{name}"):
+            return read_state_dict(path, self.dir, device=device, handle=handle)
+
+    def close(self) -> None:
+        self._handles.clear()  # unused reads (e.g. a fast copy that was not needed) are dropped
+
+    # -- generic -----------------------------------------------------------------------
+    def _fast_path(self, fast_key: str, original: Path) -> Path | None:
+        """The fast copy to use for ``fast_key``, or None (a stale one is logged)."""
         from ..weights import fast_copy_valid
 
         fast = self.dir / layout.FAST[fast_key]
         # A fast copy is used only when it holds the dtype we run in: an fp16 copy cast up to
         # fp32 would silently lose precision.
         fast_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype)
-        if fast.is_file() and fast_dtype is not None:
-            if not fast_copy_valid(self.dir, fast_key, dtype=fast_dtype):
-                log.warning("ignoring %s: not made from the current %s (run convert-weights again)", fast, original)
-            else:
-                try:
-                    sd = read_state_dict(fast, self.dir, device=self.device)
-                    module = fill_module(self._meta(lambda: build(sd, fast)), sd, fast, self.dir)
-                    self.sources[name] = ModelSource(fast, True)
-                    return _finish(module, self.device, self.dtype)
-                except ModelsError as exc:
-                    log.warning("ignoring fast copy: %s", exc.message)
-        sd = read_original()
-        module = fill_module(self._meta(lambda: build(sd, original)), sd, original, self.dir)
-        self.sources[name] = ModelSource(original, False)
-        return _finish(module, self.device, self.dtype)
+        if not fast.is_file() or fast_dtype is None:
+            return None
+        if not fast_copy_valid(self.dir, fast_key, dtype=fast_dtype):
+            log.warning("ignoring %s: not made from the current %s (run convert-weights again)", fast, original)
+            return None
+        return fast
+
+    def plan(self, version: str) -> dict[str, _Spec]:
+        """Every model's spec; the parallel reads of the files it will use start here."""
+        with self.timer.step("plan"):
+            specs = {
+                "unet": self._unet_spec(version),
+                "vae": self._vae_spec(),
+                "whisper": self._whisper_spec(),
+                "bisenet": self._bisenet_spec(),
+            }
+            for spec in specs.values():  # largest first: its fill and copy overlap the other reads
+                spec.fast = self._fast_path(spec.fast_key, spec.original)
+                self._start_read(spec.fast or spec.original)
+        return specs
+
+    def prebuild(self, specs: Mapping[str, _Spec]) -> None:
+        """Build the modules that do not need their tensors on meta while the reads run."""
+        for spec in specs.values():
+            if not spec.needs_state_dict:
+                with self.timer.step(f"build_{spec.name}"):
+                    spec.prebuilt = self._meta(lambda: spec.build({}, spec.original))
+
+    def _module(self, spec: _Spec, sd: StateDict, path: Path) -> nn.Module:
+        if spec.prebuilt is not None:
+            module, spec.prebuilt = spec.prebuilt, None
+            return module
+        with self.timer.step(f"build_{spec.name}"):
+            return self._meta(lambda: spec.build(sd, path))
+
+    def _fill_and_finish(self, spec: _Spec, sd: StateDict, path: Path, fast: bool) -> nn.Module:
+        module = self._module(spec, sd, path)
+        with self.timer.step(f"fill_{spec.name}"):
+            fill_module(module, sd, path, self.dir)
+        self.sources[spec.name] = ModelSource(path, fast)
+        if self.cuda is not None:
+            with self.timer.step("wait_cuda_init"):
+                self.cuda.wait_context()
+        with self.timer.step(f"to_device_{spec.name}"):
+            return _finish(module, self.device, self.dtype)
+
+    def load_spec(self, spec: _Spec) -> nn.Module:
+        """Fill from the fast copy when usable, else from the original (the fallback rebuilds)."""
+        if spec.fast is not None:
+            try:
+                sd = self.read(spec.name, spec.fast)
+                return self._fill_and_finish(spec, sd, spec.fast, True)
+            except ModelsError as exc:
+                log.warning("ignoring fast copy: %s", exc.message)
+                spec.prebuilt = None  # may be partly assigned
+                self._start_read(spec.original)
+        sd = spec.read_original()
+        return self._fill_and_finish(spec, sd, spec.original, False)
 
     @staticmethod
     def _meta(build: Callable[[], nn.Module]) -> nn.Module:
         with torch.device("meta"):
             return build()
 
-    def _weights_file(self, folder: Path, names: tuple[str, ...]) -> tuple[Path, Callable[[], StateDict]]:
+    def _weights_file(self, name: str, folder: Path, names: tuple[str, ...]) -> tuple[Path, Callable[[], StateDict]]:
         """The first of ``names`` present in ``folder`` and a reader for it (the reader raises when none is)."""
-        for name in names:
-            if (folder / name).is_file():
-                path = folder / name
-                return path, lambda: read_state_dict(path, self.dir)
+        for file_name in names:
+            if (folder / file_name).is_file():
+                path = folder / file_name
+                return path, lambda: self.read(name, path)
 
         def missing() -> StateDict:
             raise _error(folder / names[-1], f"missing (looked for {' or '.join(names)} in {folder})", self.dir)
@@ -309,54 +609,59 @@ class _Loader:
         return folder / names[-1], missing
 
     # -- models ------------------------------------------------------------------------
-    def unet(self, version: str) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
+    def _unet_spec(self, version: str) -> _Spec:
         weights, config_path = layout.unet_paths(self.dir, version)
         config = read_json(config_path, self.dir)
 
         def build(_sd: StateDict, _path: Path) -> nn.Module:
+            unet_cls, _ = self.imports.get("diffusers")
             try:
-                return UNet2DConditionModel.from_config(config)
+                return unet_cls.from_config(config)
             except Exception as exc:
                 raise _error(config_path, f"not a valid UNet config ({_short(exc)})", self.dir) from exc
 
-        return self._with_fast("unet", f"unet-{version}", weights, build, lambda: read_state_dict(weights, self.dir))
+        return _Spec("unet", f"unet-{version}", weights, build, lambda: self.read("unet", weights))
 
-    def vae(self) -> tuple[nn.Module, float]:
-        from diffusers import AutoencoderKL
-
+    def _vae_spec(self) -> _Spec:
         folder = self.dir / layout.VAE_DIR
         config_path = folder / "config.json"
         config = read_json(config_path, self.dir)
-        weights, read_weights = self._weights_file(folder, VAE_WEIGHT_NAMES)
+        weights, read_weights = self._weights_file("vae", folder, VAE_WEIGHT_NAMES)
 
         def build(_sd: StateDict, _path: Path) -> nn.Module:
+            _, vae_cls = self.imports.get("diffusers")
             try:
-                return AutoencoderKL.from_config(config)
+                return vae_cls.from_config(config)
             except Exception as exc:
                 raise _error(config_path, f"not a valid VAE config ({_short(exc)})", self.dir) from exc
 
         def read() -> StateDict:
             return convert_legacy_vae_keys(read_weights())
 
-        vae = self._with_fast("vae", "vae", weights, build, read)
-        scaling = config.get("scaling_factor") or VAE_SCALING_FACTOR
-        return vae, float(scaling)
+        scaling = float(config.get("scaling_factor") or VAE_SCALING_FACTOR)
+        return _Spec("vae", "vae", weights, build, read, scaling=scaling)
 
-    def whisper(self) -> tuple[nn.Module, Any]:
-        from transformers import WhisperConfig, WhisperFeatureExtractor
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
+    def _whisper_spec(self) -> _Spec:
         folder = self.dir / layout.WHISPER_DIR
         config_path = folder / "config.json"
         config_dict = read_json(config_path, self.dir)
-        try:
-            config = WhisperConfig.from_dict(config_dict)
-        except Exception as exc:
-            raise _error(config_path, f"not a valid Whisper config ({_short(exc)})", self.dir) from exc
-        config._attn_implementation = "sdpa"
-        weights, read_weights = self._weights_file(folder, WHISPER_WEIGHT_NAMES)
+        weights, read_weights = self._weights_file("whisper", folder, WHISPER_WEIGHT_NAMES)
+        spec_extra: dict[str, Any] = {"folder": folder, "config_path": config_path}
+
+        def config() -> Any:
+            if "config" not in spec_extra:
+                config_cls, _, _ = self.imports.get("transformers")
+                try:
+                    cfg = config_cls.from_dict(config_dict)
+                except Exception as exc:
+                    raise _error(config_path, f"not a valid Whisper config ({_short(exc)})", self.dir) from exc
+                cfg._attn_implementation = "sdpa"
+                spec_extra["config"] = cfg
+            return spec_extra["config"]
+
+        def build(_sd: StateDict, _path: Path) -> nn.Module:
+            _, _, encoder_cls = self.imports.get("transformers")
+            return encoder_cls(config())
 
         def read() -> StateDict:
             sd = read_weights()
@@ -368,30 +673,36 @@ class _Loader:
                 weights, f"no Whisper encoder tensors (keys starting with {' or '.join(WHISPER_ENCODER_PREFIXES)})", self.dir
             )
 
-        encoder = self._with_fast("whisper", "whisper-encoder", weights, lambda _sd, _path: WhisperEncoder(config), read)
+        spec_extra["config_fn"] = config
+        return _Spec("whisper", "whisper-encoder", weights, build, read, extra=spec_extra)
 
-        pre_path = folder / "preprocessor_config.json"
-        read_json(pre_path, self.dir)
-        try:
-            feature_extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
-        except Exception as exc:
-            raise _error(pre_path, f"not a valid Whisper feature-extractor config ({_short(exc)})", self.dir) from exc
+    def feature_extractor(self, spec: _Spec) -> Any:
+        folder, config_path = spec.extra["folder"], spec.extra["config_path"]
+        config = spec.extra["config_fn"]()
+        _, extractor_cls, _ = self.imports.get("transformers")
+        with self.timer.step("feature_extractor"):
+            pre_path = folder / "preprocessor_config.json"
+            read_json(pre_path, self.dir)
+            try:
+                feature_extractor = extractor_cls.from_pretrained(str(folder), local_files_only=True)
+            except Exception as exc:
+                raise _error(pre_path, f"not a valid Whisper feature-extractor config ({_short(exc)})", self.dir) from exc
         if feature_extractor.feature_size != config.num_mel_bins:
             raise _error(
                 pre_path,
                 f"feature_size {feature_extractor.feature_size} does not match num_mel_bins {config.num_mel_bins} of {config_path}",
                 self.dir,
             )
-        return encoder, feature_extractor
+        return feature_extractor
 
-    def bisenet(self) -> BiSeNet:
+    def _bisenet_spec(self) -> _Spec:
         path = self.dir / layout.BISENET
 
         def build(sd: StateDict, source: Path) -> nn.Module:
             n_classes, width = self._bisenet_shapes(sd, source)  # the width is read from the tensor shapes
             return BiSeNet(n_classes=n_classes, width=width)
 
-        return self._with_fast("bisenet", "bisenet", path, build, lambda: read_state_dict(path, self.dir))  # type: ignore[return-value]
+        return _Spec("bisenet", "bisenet", path, build, lambda: self.read("bisenet", path), needs_state_dict=True)
 
     def _bisenet_shapes(self, sd: Mapping[str, torch.Tensor], path: Path) -> tuple[int, int]:
         try:
