@@ -52,11 +52,11 @@ log = logging.getLogger(__name__)
 Box = tuple[int, int, int, int]
 
 # Device memory model for the automatic batch size (fp16/bf16; fp32 doubles the model terms).
-# The VAE decoder's 256² activations dominate: ~150 MiB per image in flight on an H200 (12.4 GiB
-# peak at an unchunked batch of 64, of which ~1.8 GiB weights and 0.7 GiB input frames). They are
+# The VAE decoder's 256² activations dominate (~150 MiB per image unchunked on an H200: 12.4 GiB
+# peak at batch 64, of which ~1.8 GiB weights and 0.7 GiB input frames; ~95 MiB chunked). They are
 # bounded by GPU_CHUNK images per call whatever the batch, so they are a fixed workspace; what
 # grows with the batch is the UNet's small activations, the faces and the composite's buffers.
-_WORKSPACE_PER_CHUNK_IMAGE_HALF = 192 * 2**20
+_WORKSPACE_PER_CHUNK_IMAGE_HALF = 100 * 2**20  # measured ~95 MiB (W1 peak 4.24 GiB at chunks of 16)
 _BYTES_PER_FRAME_HALF = 4 * 2**20
 _MAX_AUTO_BATCH = 64
 _CPU_BATCH = 4
@@ -64,8 +64,9 @@ _FREE_MEMORY_FRACTION = 0.6
 _ENCODE_BATCH_FACTOR = 2  # VAE encode runs masked+full together: half the frames per call
 # On CUDA the memory-heavy 256²/512² convolutions (VAE decode and encode, BiSeNet) run in chunks
 # of at most this many images whatever the job's batch size: their activations, not the UNet's,
-# set the peak (12.4 GiB at batch 64 unchunked on an H200), and a chunk of 16 already fills the GPU.
-GPU_CHUNK = 16
+# set the peak. H200, fp16, W1 at batch 64: unchunked 12.4 GiB peak; chunks of 16 4.2 GiB but the
+# eager decoder 25 % slower per frame (3.20 vs 2.56 ms); 32 is the compromise (bench/README.md).
+GPU_CHUNK = 32
 CUDNN_BENCHMARK = False
 
 
