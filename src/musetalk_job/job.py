@@ -221,6 +221,10 @@ OTHER_KNOWN_ENV = frozenset(
         "MUSETALK_AVATAR_CACHE_DIR",
         "MUSETALK_AVATAR_CACHE_MAX_GB",
         "MUSETALK_NVENC",
+        "MUSETALK_COMPILE",  # engine: compiled.py (docs/compile.md)
+        "MUSETALK_COMPILE_MODE",
+        "MUSETALK_COMPILE_CACHE",
+        "MUSETALK_ENCODER_WORKERS",  # engine: media.VideoWriter
     }
 )
 
