@@ -42,6 +42,14 @@ def models_copy(tiny_models_dir: Path, tmp_path: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_user_warm_manifest():
+    """Loads here neither read nor write ~/.cache/musetalk-job/warm-files.json."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MUSETALK_WARM_MANIFEST", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def v15(tiny_models_dir: Path) -> MuseTalkModels:
     return _load(tiny_models_dir, "v15")
@@ -487,3 +495,252 @@ def test_present_file_with_wrong_size_for_the_manifest_fails_fast(models_copy: P
     (models_copy / RANDOM_MARKER).unlink()
     exc = _expect_models_error(models_copy, "musetalkV15/unet.pth")
     assert exc.exit_code == 5 and "download-weights" in exc.message
+
+
+# --------------------------------------------------------------------------------------------
+# Cold start: the parallel reader (models.fastio), the parallel loader and its breakdown
+
+
+def _reader(chunk: int = 1 << 16, workers: int = 4):
+    from musetalk_job.models import fastio
+
+    return fastio.Reader(workers=workers, chunk_bytes=chunk)
+
+
+def test_parallel_reader_returns_the_exact_bytes(tiny_models_dir: Path) -> None:
+    path = tiny_models_dir / layout.UNET["v15"][0]
+    assert path.stat().st_size > 8 * (1 << 16)  # many chunks in flight
+    reader = _reader()
+    try:
+        buf = reader.read(path).result(timeout=30)
+        assert bytes(buf) == path.read_bytes()
+        assert reader.warm(path).result(timeout=30) is None
+    finally:
+        reader.shutdown(wait=True)
+
+
+def test_safetensors_from_the_parallel_read_match_the_library(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from musetalk_job.models import fastio
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(300, 257, generator=g),
+        "f16": torch.randn(7, 3, 5, generator=g).half(),
+        "bf16": torch.randn(1000, generator=g).bfloat16(),
+        "i64": torch.arange(5),
+        "u8": torch.arange(13, dtype=torch.uint8),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    reader = _reader(chunk=1 << 16)
+    try:
+        got = fastio.safetensors_from_buffer(reader.read(path).result(timeout=30))
+    finally:
+        reader.shutdown(wait=True)
+    ref = load_file(str(path))
+    assert got.keys() == ref.keys() == tensors.keys()
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype and got[key].shape == ref[key].shape, key
+        assert torch.equal(got[key], ref[key]), key
+
+
+def test_parallel_read_state_dict_matches_the_plain_loader(tiny_models_dir: Path, tmp_path: Path, v15: MuseTalkModels) -> None:
+    """.pth / .bin (page cache warmed, then torch.load mmap) and .safetensors (from the buffer)."""
+    from safetensors.torch import save_file
+
+    from musetalk_job.models.loading import read_state_dict
+
+    st = tmp_path / "vae.safetensors"
+    save_file(v15.vae.state_dict(), str(st))
+    reader = _reader()
+    try:
+        for path in (tiny_models_dir / layout.UNET["v15"][0], tiny_models_dir / "whisper/pytorch_model.bin",
+                     tiny_models_dir / layout.BISENET, st):
+            plain = read_state_dict(path, tiny_models_dir)
+            handle = reader.read(path) if path.suffix == ".safetensors" else reader.warm(path)
+            fast = read_state_dict(path, tiny_models_dir, handle=handle)
+            assert fast.keys() == plain.keys(), path
+            assert all(fast[k].dtype == plain[k].dtype and torch.equal(fast[k], plain[k]) for k in plain), path
+    finally:
+        reader.shutdown(wait=True)
+
+
+def test_corrupt_or_truncated_files_in_a_parallel_read_name_the_file(tmp_path: Path, v15: MuseTalkModels) -> None:
+    import json
+    import struct
+    import threading
+
+    from safetensors.torch import save_file
+
+    from musetalk_job.models.loading import read_state_dict
+
+    good = tmp_path / "good.safetensors"
+    save_file(v15.bisenet.state_dict(), str(good))
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    bad_offsets = dict(header)
+    bad_offsets[name] = {**header[name], "data_offsets": [0, header[name]["data_offsets"][1] + 4]}
+    blob = json.dumps(bad_offsets).encode()
+    cases = {
+        "truncated.safetensors": data[: len(data) // 2],
+        "short.safetensors": data[:5],
+        "garbage-header.safetensors": struct.pack("<Q", 16) + b"{not json at all" + data[24:],
+        "bad-offsets.safetensors": struct.pack("<Q", len(blob)) + blob + data[8 + n :],
+        "huge-header.safetensors": struct.pack("<Q", 1 << 40) + data[8:],
+        "trailing-bytes.safetensors": data + b"\x00" * 16,
+    }
+    reader = _reader()
+    try:
+        for file_name, content in cases.items():
+            path = tmp_path / file_name
+            path.write_bytes(content)
+            with pytest.raises(ModelsError) as err:
+                read_state_dict(path, tmp_path, handle=reader.read(path))
+            assert str(path) in err.value.message and "corrupt" in err.value.message, file_name
+        # a torch zip truncated on disk: the warm read succeeds, torch.load fails, same error
+        pth = tmp_path / "cut.pth"
+        torch.save(v15.bisenet.state_dict(), pth)
+        pth.write_bytes(pth.read_bytes()[:1000])
+        with pytest.raises(ModelsError) as err:
+            read_state_dict(pth, tmp_path, handle=reader.warm(pth))
+        assert str(pth) in err.value.message and "corrupt" in err.value.message
+    finally:
+        reader.shutdown(wait=True)
+
+    # a file that shrinks after the read started: the chunks hit its end → ShortReadError
+    one = _reader(workers=1)
+    gate = threading.Event()
+    try:
+        one._pool.submit(gate.wait)  # occupy the only worker until the file is cut
+        handle = one.read(good)
+        good.write_bytes(data[:100])
+        gate.set()
+        with pytest.raises(ModelsError) as err:
+            read_state_dict(good, tmp_path, handle=handle)
+        assert str(good) in err.value.message and "ShortReadError" in err.value.message
+    finally:
+        gate.set()
+        one.shutdown(wait=True)
+
+
+def _state_dicts(m: MuseTalkModels) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: getattr(m, n).state_dict() for n in ("unet", "vae", "whisper", "bisenet")}
+
+
+def _assert_same_weights(a: MuseTalkModels, b: MuseTalkModels) -> None:
+    sa, sb = _state_dicts(a), _state_dicts(b)
+    for name in sa:
+        assert sa[name].keys() == sb[name].keys(), name
+        assert all(sa[name][k].dtype == sb[name][k].dtype and torch.equal(sa[name][k], sb[name][k]) for k in sa[name]), name
+
+
+PARALLEL_KEYS = {"total", "check_sizes", "plan", "import_diffusers", "import_transformers", "feature_extractor"} | {
+    f"{step}_{name}" for step in ("read", "wait_read", "parse", "build", "fill", "to_device")
+    for name in ("unet", "vae", "whisper", "bisenet")
+}
+
+
+def test_parallel_and_serial_loads_agree_with_and_without_fast_copies(models_copy: Path) -> None:
+    from musetalk_job.weights import convert_weights
+
+    for dtype in (torch.float32, torch.float16):  # fp32: the originals; fp16 after convert: the fast copies
+        if dtype == torch.float16:
+            convert_weights(models_copy, version="v15", dtype="fp16")
+        par = _load(models_copy, dtype=dtype, parallel=True)
+        ser = _load(models_copy, dtype=dtype, parallel=False)
+        fast = dtype == torch.float16
+        assert all(par.sources[n].fast is fast and ser.sources[n].fast is fast for n in par.sources), (par.sources, dtype)
+        assert {n: s.path for n, s in par.sources.items()} == {n: s.path for n, s in ser.sources.items()}
+        _assert_same_weights(par, ser)
+        assert PARALLEL_KEYS <= par.load_breakdown.keys(), PARALLEL_KEYS - par.load_breakdown.keys()
+        assert {"total", "read_unet", "build_unet", "fill_unet", "to_device_unet", "import_diffusers"} <= ser.load_breakdown.keys()
+        assert "wait_read_unet" not in ser.load_breakdown
+        assert all(v >= 0 for v in par.load_breakdown.values())
+        assert par.load_breakdown["total"] == pytest.approx(par.load_seconds, abs=1e-3)
+        for key, (start, end) in par.load_timeline.items():
+            assert 0 <= start <= end <= par.load_seconds + 1e-3, key
+        assert "cuda_init" not in par.load_breakdown  # CPU: no CUDA thread
+
+
+def test_broken_fast_copy_falls_back_in_the_parallel_loader(models_copy: Path, v15: MuseTalkModels, caplog) -> None:
+    from musetalk_job.weights import convert_weights
+
+    convert_weights(models_copy, version="v15", dtype="fp16")
+    fast = models_copy / layout.FAST["vae"]
+    data = bytearray(fast.read_bytes())
+    data[8:24] = b"{ broken header "  # same size, so the fast.json record still matches
+    fast.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        m = _load(models_copy, dtype=torch.float16, parallel=True)
+    assert not m.sources["vae"].fast and m.sources["unet"].fast
+    assert torch.equal(m.vae.decoder.conv_out.weight, v15.vae.decoder.conv_out.weight.half())
+    assert str(fast) in caplog.text
+
+
+def test_prefetch_is_taken_over_by_the_load(models_copy: Path, v15: MuseTalkModels) -> None:
+    from musetalk_job.models import fastio
+
+    planned = fastio.planned_files(models_copy, "v15", None)
+    assert planned == [models_copy / layout.UNET["v15"][0], models_copy / "sd-vae/diffusion_pytorch_model.bin",
+                       models_copy / "whisper/pytorch_model.bin", models_copy / layout.BISENET]
+    assert fastio.prefetch(models_copy, "v15", None) == planned
+    m = _load(models_copy, parallel=True)
+    assert all(fastio.take(p) is None for p in planned)  # handed over (and only once)
+    _assert_same_weights(m, v15)
+    # a file changed after its prefetch started is read afresh
+    fastio.prefetch(models_copy, "v15", None)
+    bise = models_copy / layout.BISENET
+    os.utime(bise, ns=(time.time_ns() + 10**9,) * 2)
+    assert fastio.take(bise) is None
+
+
+def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path, monkeypatch) -> None:
+    import json
+    import sys
+
+    from musetalk_job.models import fastio
+
+    manifest = tmp_path / "warm.json"
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(manifest))
+    assert fastio.manifest_path() == manifest and not fastio.manifest_is_current()
+    fastio.start_recording()
+    (tiny_models_dir / "whisper/config.json").read_text()  # inside the models dir: left out
+    extra = tmp_path / "opened.txt"
+    extra.write_text("x")
+    extra.read_text()
+    assert fastio.record_manifest(exclude=[tiny_models_dir]) == manifest
+    data = json.loads(manifest.read_text())
+    paths = [e["path"] for e in data["files"]]
+    assert str(extra) in paths
+    assert not any(p.startswith(str(tiny_models_dir)) for p in paths)
+    assert sys.modules["torch"].__spec__.cached in paths or sys.modules["torch"].__spec__.origin in paths
+    libs = [e for e in data["files"] if "ranges" in e]
+    assert libs and all(a >= 0 and b > 0 for e in libs for a, b in e["ranges"])
+    assert fastio.manifest_is_current()
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    assert fastio.warm_manifest() == len(data["files"])
+    assert fastio.warm_manifest() == 0  # once per process
+    # another environment's manifest, or a broken one: nothing
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    manifest.write_text(json.dumps({**data, "env": "elsewhere"}))
+    assert fastio.warm_manifest() == 0 and not fastio.manifest_is_current()
+    manifest.write_text("{ nope")
+    assert fastio.warm_manifest() == 0
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
+    assert fastio.manifest_path() is None and fastio.record_manifest() is None
+
+
+def test_read_throughput_reports_bytes(tiny_models_dir: Path) -> None:
+    from musetalk_job.models import fastio
+
+    files = [tiny_models_dir / layout.UNET["v15"][0], tiny_models_dir / layout.BISENET]
+    for workers in (1, 4):
+        res = fastio.throughput(files, workers, chunk_bytes=1 << 16)
+        assert res["bytes"] == sum(p.stat().st_size for p in files) and res["gb_per_s"] > 0
