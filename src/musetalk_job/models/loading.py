@@ -252,6 +252,7 @@ class _CudaWarmup:
     def __init__(self, device: torch.device, dtype: torch.dtype, timer: _Timer) -> None:
         self.device = device
         self.context = threading.Event()
+        self.error: BaseException | None = None
         self._timer = timer
         self._dtype = dtype
         self._job = _Background("cuda", self._run)
@@ -261,6 +262,9 @@ class _CudaWarmup:
             with self._timer.step("cuda_init"):
                 torch.cuda.init()
                 torch.empty(1, device=self.device)
+        except BaseException as exc:  # noqa: BLE001 - raised in the main thread by wait_context()
+            self.error = exc
+            return
         finally:
             self.context.set()
         if WARM_CUDA_LIBS:
@@ -272,11 +276,13 @@ class _CudaWarmup:
                 torch.cuda.synchronize(self.device)
 
     def wait_context(self) -> None:
+        """Block until the context exists; re-raise its creation error (a CUDA error, as serially)."""
         self.context.wait()
-        if not self._job._thread.is_alive():
-            self._job.result()  # a failed init raises here
+        if self.error is not None:
+            raise self.error
 
     def join(self) -> None:
+        self.wait_context()
         self._job.result()
 
 
