@@ -73,6 +73,9 @@ def _child(args: argparse.Namespace) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_ready = time.time()
+    from musetalk_job.models import fastio
+
+    fastio.wait_recorded(30)  # after t_ready: a recording run must not exit before its manifest is written
     sources = {name: {"path": str(src.path), "fast": bool(src.fast)} for name, src in pipe.models.sources.items()}
     print(json.dumps({
         "t_main": T_MAIN,
@@ -292,10 +295,6 @@ def main() -> int:
             if args.drop_caches:
                 _drop_caches()
             _run_child(dirs["fast"], args, "parallel")
-            for _ in range(50):  # written by a background thread at the end of the load
-                if args.manifest_file.is_file():
-                    break
-                time.sleep(0.1)
             result["warm_manifest"] = {"files": len(json.loads(args.manifest_file.read_text())["files"]),
                                        "warm_bytes": _manifest_bytes(args.manifest_file)} if args.manifest_file.is_file() else None
         dropped = None

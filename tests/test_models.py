@@ -710,6 +710,11 @@ def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path
     manifest = tmp_path / "warm.json"
     monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(manifest))
     assert fastio.manifest_path() == manifest and not fastio.manifest_is_current()
+    _load(tiny_models_dir, parallel=True)  # no manifest of this environment yet: the load records one
+    fastio.wait_recorded(30)
+    assert fastio.manifest_is_current()
+    assert not any(e["path"].startswith(str(tiny_models_dir)) for e in json.loads(manifest.read_text())["files"])
+    manifest.unlink()
     fastio.start_recording()
     (tiny_models_dir / "whisper/config.json").read_text()  # inside the models dir: left out
     extra = tmp_path / "opened.txt"

@@ -494,6 +494,25 @@ def record_manifest(path: Path | None = None, exclude: Sequence[Path | str] = ()
     return path
 
 
+_RECORDER: threading.Thread | None = None
+
+
+def record_manifest_async(exclude: Sequence[Path | str] = ()) -> threading.Thread:
+    """``record_manifest`` in a daemon thread (off the critical path; a process that exits
+    first leaves no partial file); ``wait_recorded`` joins it."""
+    global _RECORDER
+    _RECORDER = threading.Thread(
+        target=record_manifest, kwargs={"exclude": list(exclude)}, name="musetalk-record-manifest", daemon=True
+    )
+    _RECORDER.start()
+    return _RECORDER
+
+
+def wait_recorded(timeout: float | None = None) -> None:
+    if _RECORDER is not None:
+        _RECORDER.join(timeout)
+
+
 def manifest_is_current(path: Path | None = None) -> bool:
     path = path or manifest_path()
     if path is None or not path.is_file():

@@ -377,9 +377,11 @@ class MuseTalkModels:
         t0 = time.perf_counter()
         timer = _Timer(t0)
         parallel = PARALLEL_LOAD if parallel is None else parallel
+        record = False
         if parallel:
             with timer.step("warm_manifest"):  # import/library files into the page cache, in parallel
-                if not fastio.warm_manifest() and not fastio.manifest_is_current():
+                record = fastio.manifest_path() is not None and not fastio.warm_manifest() and not fastio.manifest_is_current()
+                if record:
                     fastio.start_recording()  # for record_manifest at the end
         models_dir = Path(models_dir)
         if version not in layout.UNET:
@@ -415,11 +417,9 @@ class MuseTalkModels:
             loader.close()
         seconds = time.perf_counter() - t0
         timer.breakdown["total"] = round(seconds, 4)
-        if parallel and not fastio.manifest_is_current():
+        if parallel and record:
             # for the next cold start; off the critical path (a killed thread leaves no partial file)
-            threading.Thread(
-                target=fastio.record_manifest, kwargs={"exclude": [models_dir]}, name="musetalk-record-manifest", daemon=True
-            ).start()
+            fastio.record_manifest_async(exclude=[models_dir])
         log.info(
             "models loaded in %.2fs (version %s, %s, %s; fast copies: %s; %s)",
             seconds,
