@@ -357,3 +357,121 @@ def test_writer_owns_queued_frames_when_the_caller_reuses_its_buffer(tmp_path) -
             w.write(buf)
             buf[0] = 0  # reuse at once
     assert np.array_equal(read_frames(out).frames, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Segment-parallel libx264 and I420 input
+
+
+def _packets(path: Path) -> list[tuple[int, int, bytes]]:
+    import av
+
+    with av.open(str(path)) as c:
+        return [(p.pts, p.dts, bytes(p)) for p in c.demux(video=0) if p.size]
+
+
+def test_writer_output_is_deterministic_at_sizes_not_multiple_of_16(tmp_path):
+    # swscale's padding used to leak into libx264 at 160x120: the same frames gave different files.
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (10, 120, 160, 3), dtype=np.uint8)
+    runs = []
+    for k in range(5):
+        out = tmp_path / f"d{k}.mp4"
+        with media.VideoWriter(out, width=160, height=120, fps=25, workers=1) as w:
+            w.write(frames)
+        runs.append(_packets(out))
+    assert all(r == runs[0] for r in runs[1:])
+
+
+def test_segmented_writer_equals_one_stream_losslessly_with_audio(speech, tmp_path):
+    frames = _smooth_frames(37, 96, 64)
+    outs = {}
+    for name, kw in (("one", {"workers": 1}), ("seg", {"workers": 3, "segment_frames": 8})):
+        out = tmp_path / f"{name}.mp4"
+        with media.VideoWriter(out, width=96, height=64, fps=25, audio_path=speech["wav"], crf=0, **kw) as w:
+            assert w.workers == kw["workers"]
+            w.write(frames[:20])
+            w.write(frames[20:])
+        info = media.probe(out)
+        assert info.n_frames == 37 and info.has_audio and abs(info.duration_s - 37 / 25) < 0.05
+        outs[name] = media.read_frames(out).frames
+        pk = _packets(out)
+        dts = [d for _, d, _ in pk]
+        assert dts == sorted(set(dts))  # strictly increasing across the segment joins
+        assert len(pk) == 37 and len({p for p, _, _ in pk}) == 37
+    # crf 0 is lossless in YUV: five segments joined decode to exactly the one-stream frames
+    np.testing.assert_array_equal(outs["seg"], outs["one"])
+    assert _ffprobe(tmp_path / "seg.mp4")["streams"][0]["nb_frames"] == "37"
+
+
+def test_segmented_writer_uses_one_idr_per_segment(tmp_path):
+    import av
+
+    out = tmp_path / "idr.mp4"
+    with media.VideoWriter(out, width=64, height=48, fps=25, workers=2, segment_frames=10) as w:
+        w.write(_smooth_frames(35, 64, 48))
+    with av.open(str(out)) as c:
+        stream = c.streams.video[0]
+        keys = [round(p.pts * stream.time_base * 25) for p in c.demux(video=0) if p.size and p.is_keyframe]
+    assert keys == [0, 10, 20, 30]
+
+
+def test_i420_input_matches_rgb_input_within_colour_rounding(tmp_path):
+    torch = pytest.importorskip("torch")
+    from musetalk_job.colour import rgb_to_i420
+
+    frames = _smooth_frames(12, 97, 63)  # odd size: padded to 98x64 on both paths
+    out_rgb, out_yuv = tmp_path / "rgb.mp4", tmp_path / "yuv.mp4"
+    with media.VideoWriter(out_rgb, width=97, height=63, fps=25, crf=0, workers=1) as w:
+        w.write(frames)
+    with media.VideoWriter(out_yuv, width=97, height=63, fps=25, crf=0, workers=2, segment_frames=5) as w:
+        assert w.accepts_i420
+        i420 = rgb_to_i420(torch.from_numpy(frames)).numpy()
+        assert i420.shape == (12, 96, 98)
+        w.write_i420(i420[:7])
+        i420[:7] = 0  # the writer owns what it queued: reusing the buffer changes nothing
+        w.write_i420(i420[7:])
+    a, b = media.read_frames(out_rgb).frames, media.read_frames(out_yuv).frames
+    assert a.shape == b.shape == (12, 64, 98, 3)  # H.264 pads odd sizes by one repeated row/column
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert d.mean() < 1.0 and d.max() <= 12
+
+
+def test_write_i420_errors(tmp_path):
+    with media.VideoWriter(tmp_path / "a.mp4", width=64, height=48, fps=25) as w:
+        with pytest.raises(EngineRuntimeError, match=r"uint8 \[B, 72, 64\]"):
+            w.write_i420(np.zeros((2, 48, 64), dtype=np.uint8))
+        w.write_i420(np.zeros((2, 72, 64), dtype=np.uint8))
+    lossless = media.VideoWriter(tmp_path / "b.mkv", width=64, height=48, fps=25, codec="ffv1")
+    assert not lossless.accepts_i420
+    with pytest.raises(EngineRuntimeError, match="takes RGB frames"):
+        lossless.write_i420(np.zeros((1, 72, 64), dtype=np.uint8))
+    lossless.abort()
+
+
+def test_segmented_writer_abort_removes_the_file_and_stops_threads(tmp_path):
+    import threading
+
+    out = tmp_path / "ab.mp4"
+    w = media.VideoWriter(out, width=64, height=48, fps=25, workers=2, segment_frames=4)
+    w.write(_smooth_frames(13, 64, 48))
+    w.abort()
+    assert not out.exists()
+    assert not any(t.name.startswith("x264-segment") and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(EngineRuntimeError, match="after close"):
+        w.write(_smooth_frames(1, 64, 48))
+
+
+def test_encoder_workers_default_and_env(tmp_path, monkeypatch):
+    assert media.default_encoder_workers(2) == 1 and media.default_encoder_workers(4) == 1
+    assert media.default_encoder_workers(16) == 8 and media.default_encoder_workers(8) == 4
+    monkeypatch.setenv("MUSETALK_ENCODER_WORKERS", "3")
+    w = media.VideoWriter(tmp_path / "e.mp4", width=64, height=48, fps=25)
+    assert w.workers == 3
+    w.abort()
+    lossless = media.VideoWriter(tmp_path / "e.mkv", width=64, height=48, fps=25, codec="ffv1")
+    assert lossless.workers == 1  # segments are for libx264 only
+    lossless.abort()
+    monkeypatch.setenv("MUSETALK_ENCODER_WORKERS", "many")
+    with pytest.raises(Exception, match="MUSETALK_ENCODER_WORKERS"):
+        media.VideoWriter(tmp_path / "f.mp4", width=64, height=48, fps=25)

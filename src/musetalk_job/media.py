@@ -461,6 +461,20 @@ def _as_rate(fps: float | Fraction) -> Fraction:
 
 
 _STOP = object()
+# Segment-parallel libx264: each segment starts with an IDR frame. 50 frames (2 s at 25 fps)
+# keeps 8 encoders busy on a 30 s job and bounds the tail (the last segment's encode time). The
+# extra IDRs cost file size at crf 18 against one stream with x264's 250-frame GOP: measured
+# +16 % with 50-frame and +6 % with 125-frame segments (250 frames of the 720p sample face video,
+# preset medium; bench/README.md, "Encoder"). Pass segment_frames to trade speed for size.
+DEFAULT_SEGMENT_FRAMES = 50
+
+
+def default_encoder_workers(cpus: Optional[int] = None) -> int:
+    """Parallel libx264 segments for this machine: one stream below 8 CPUs (x264's own threads
+    suffice there), else one encoder per 2 CPUs, at most 8 (x264 scales poorly past a few
+    threads per stream; independent segments scale with the cores)."""
+    cpus = cpus or os.cpu_count() or 1
+    return 1 if cpus < 8 else min(8, cpus // 2)
 
 
 class VideoWriter:
@@ -488,6 +502,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         queue_frames: int = 32,
+        workers: Optional[int] = None,
+        segment_frames: Optional[int] = None,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -510,6 +526,7 @@ class VideoWriter:
         self._closed = False
         self._finished = False
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_frames))
+        self._open_lock = threading.Lock()
         suffix = self.path.suffix.lower()
         if codec == "ffv1" and suffix not in (".mkv", ".avi", ".nut"):
             raise SpecError(f"codec: ffv1 needs an .mkv output path (got {self.path.name})")
@@ -520,8 +537,10 @@ class VideoWriter:
         except (av.FFmpegError, ValueError) as exc:
             raise EngineRuntimeError(f"output {self.path}: cannot create ({_av_reason(exc)})") from exc
         self._audio_in = None
+        self._crf, self._preset = int(crf), preset
         try:
             self._setup_video(crf, preset)
+            self._setup_segments(workers, segment_frames)
             if audio_path is not None:
                 self._setup_audio(Path(audio_path))
         except BaseException:
@@ -593,7 +612,58 @@ class VideoWriter:
         self._audio_eof = False
         self._audio_samples = 0  # samples sent to the encoder
 
+    def _setup_segments(self, workers: Optional[int], segment_frames: Optional[int]) -> None:
+        """Segment-parallel libx264 (see the class docstring); one stream for everything else."""
+        if workers is None:
+            env = os.environ.get("MUSETALK_ENCODER_WORKERS", "").strip()
+            if env:
+                try:
+                    workers = int(env)
+                except ValueError:
+                    raise SpecError(f"MUSETALK_ENCODER_WORKERS: must be an integer (got {env!r})") from None
+            else:
+                workers = default_encoder_workers()
+        if int(workers) < 1:
+            raise SpecError(f"encoder workers: must be >= 1 (got {workers})")
+        self.workers = int(workers) if self.encoder == "libx264" else 1
+        self.segment_frames = max(1, int(segment_frames or DEFAULT_SEGMENT_FRAMES))
+        self._segmented = self.workers > 1
+        self._seg_buf: list[tuple[str, np.ndarray]] = []
+        self._seg_start = 0
+        self._seg_pool: Any = None
+        self._seg_slots = threading.Semaphore(self.workers + 1)
+        if self._segmented:
+            from concurrent.futures import ThreadPoolExecutor
+
+            cpus = os.cpu_count() or 1
+            self._seg_threads = max(1, cpus // self.workers)
+            self._seg_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="x264-segment")
+            self._vstream.codec_context.thread_count = self._seg_threads
+
     # -- public API -----------------------------------------------------------------------
+
+    @property
+    def accepts_i420(self) -> bool:
+        """Whether ``write_i420`` may be used (H.264 output: the encoder takes yuv420p)."""
+        return self._pix_fmt == "yuv420p"
+
+    def write_i420(self, frames: np.ndarray) -> None:
+        """Queue frames already converted to I420 (``colour.rgb_to_i420``): uint8
+        ``[B, Hp*3//2, Wp]`` (or one ``[Hp*3//2, Wp]``) with ``Hp``/``Wp`` the even-padded size."""
+        if self._closed:
+            raise EngineRuntimeError(f"output {self.path}: write() after close()/abort()")
+        if not self.accepts_i420:
+            raise EngineRuntimeError(f"output {self.path}: codec {self.codec} takes RGB frames; use write()")
+        arr = np.asarray(frames)
+        if arr.ndim == 2:
+            arr = arr[None]
+        hp, wp = self.height + self._pad_h, self.width + self._pad_w
+        if arr.ndim != 3 or arr.shape[1:] != (hp * 3 // 2, wp) or arr.dtype != np.uint8:
+            raise EngineRuntimeError(
+                f"output {self.path}: I420 frames must be uint8 [B, {hp * 3 // 2}, {wp}], got {arr.dtype} {list(arr.shape)}"
+            )
+        for frame in arr:
+            self._queue_frame("i420", frame.copy())
 
     def write(self, frames: np.ndarray) -> None:
         """Queue frames ``[B, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB for encoding."""
@@ -608,21 +678,97 @@ class VideoWriter:
                 f"got {arr.dtype} {list(arr.shape)}"
             )
         for frame in arr:  # queued frame by frame: the queue bounds memory in frames
-            frame = frame.copy()
-            while True:
+            self._queue_frame("rgb", frame.copy())
+
+    def _queue_frame(self, kind: str, frame: np.ndarray) -> None:
+        """Hand one frame (already a private copy) to the encoder side."""
+        if self._segmented:
+            self._seg_buf.append((kind, frame))
+            if len(self._seg_buf) >= self.segment_frames:
+                self._submit_segment()
+            return
+        while True:
+            self._raise_if_failed()
+            try:
+                # The RGB→YUV conversion runs in a small pool (swscale releases the GIL), off
+                # the encoder thread's critical path; the queue keeps the frames in order.
+                # A copy: the caller may reuse its buffer (e.g. pinned host memory) as soon as
+                # write() returns, while this frame still waits in the queue.
+                self._queue.put(self._convert_pool().submit(self._video_frame, frame, kind), timeout=0.2)
+                break
+            except queue.Full:
+                continue
+            except RuntimeError as exc:  # the pool was shut down: the encoder thread has ended
                 self._raise_if_failed()
-                try:
-                    # The RGB→YUV conversion runs in a small pool (swscale releases the GIL), off
-                    # the encoder thread's critical path; the queue keeps the frames in order.
-                    # A copy: the caller may reuse its buffer (e.g. pinned host memory) as soon as
-                    # write() returns, while this frame still waits in the queue.
-                    self._queue.put(self._convert_pool().submit(self._video_frame, frame), timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-                except RuntimeError as exc:  # the pool was shut down: the encoder thread has ended
-                    self._raise_if_failed()
-                    raise EngineRuntimeError(f"output {self.path}: the encoder stopped ({exc})") from exc
+                raise EngineRuntimeError(f"output {self.path}: the encoder stopped ({exc})") from exc
+
+    def _submit_segment(self) -> None:
+        """Give the buffered frames to a segment encoder; blocks while workers+1 segments are in flight."""
+        frames, start = self._seg_buf, self._seg_start
+        self._seg_buf = []
+        self._seg_start += len(frames)
+        while not self._seg_slots.acquire(timeout=0.2):
+            self._raise_if_failed()
+        try:
+            future = self._seg_pool.submit(self._encode_segment, frames, start)
+        except RuntimeError as exc:  # the pool was shut down: the mux thread has ended
+            self._seg_slots.release()
+            self._raise_if_failed()
+            raise EngineRuntimeError(f"output {self.path}: the encoder stopped ({exc})") from exc
+        while True:
+            try:
+                self._queue.put(future, timeout=0.2)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def _segment_context(self) -> Any:
+        ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height = self.width + self._pad_w, self.height + self._pad_h
+        ctx.pix_fmt = "yuv420p"
+        ctx.time_base = 1 / self.rate
+        ctx.framerate = self.rate
+        ctx.colorspace, ctx.color_range = 6, 1  # as _setup_video tags the stream
+        ctx.options = {"crf": str(self._crf), "preset": self._preset}
+        ctx.thread_count = self._seg_threads
+        ctx.flags = ctx.flags | av.codec.context.Flags.global_header  # SPS/PPS in extradata, as the MP4 stream's
+        ctx.open()
+        return ctx
+
+    def _encode_segment(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
+        """Encode one segment with its own libx264 (runs on a segment thread; PyAV releases the GIL
+        inside the encoder). Returns its packets re-timed to the whole stream, and its frame count."""
+        if self._aborted.is_set():
+            return [], 0
+        ctx = self._segment_context()
+        packets: list[Any] = []
+        for i, (kind, data) in enumerate(frames):
+            frame = self._video_frame(data, kind)
+            frame.pts = i
+            packets.extend(ctx.encode(frame))
+            if self._aborted.is_set():
+                return [], 0
+        packets.extend(ctx.encode(None))
+        if bytes(ctx.extradata or b"") != self._stream_extradata():
+            # Joining segments without re-encoding needs the same SPS/PPS in every one of them.
+            raise EngineRuntimeError(
+                f"output {self.path}: a segment encoder's SPS/PPS differ from the stream's; "
+                "set MUSETALK_ENCODER_WORKERS=1 to encode in one stream"
+            )
+        tb = 1 / self.rate
+        for p in packets:
+            p.pts += start
+            p.dts += start
+            p.time_base = tb
+        return packets, len(frames)
+
+    def _stream_extradata(self) -> bytes:
+        ctx = self._vstream.codec_context
+        if not ctx.is_open:
+            with self._open_lock:
+                if not ctx.is_open:
+                    ctx.open()
+        return bytes(ctx.extradata or b"")
 
     def _convert_pool(self) -> Any:
         pool = getattr(self, "_pool", None)
@@ -637,6 +783,12 @@ class VideoWriter:
         """Flush the encoders, write the trailer; raises if encoding failed (file removed)."""
         if self._closed:
             return
+        if self._segmented and self._seg_buf and self._error is None:
+            try:
+                self._submit_segment()
+            except BaseException:
+                self.abort()
+                raise
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
@@ -691,15 +843,22 @@ class VideoWriter:
                 item = self._queue.get()
                 if item is _STOP or self._aborted.is_set():
                     break
-                self._encode_video(item.result())
+                if self._segmented:
+                    try:
+                        packets, n = item.result()
+                    finally:
+                        self._seg_slots.release()
+                    self._mux_segment(packets, n)
+                else:
+                    self._encode_video(item.result())
             if not self._aborted.is_set():
                 self._finish()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             self._error = exc
         finally:
-            pool = getattr(self, "_pool", None)
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            for pool in (getattr(self, "_pool", None), getattr(self, "_seg_pool", None)):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
             for closer in (self._container.close, getattr(self._audio_in, "close", None)):
                 if closer is None:
                     continue
@@ -709,15 +868,21 @@ class VideoWriter:
                     if self._error is None and not self._aborted.is_set():
                         self._error = exc
 
-    def _video_frame(self, rgb: np.ndarray) -> Any:
+    def _video_frame(self, data: np.ndarray, kind: str = "rgb") -> Any:
+        if kind == "i420":
+            return av.VideoFrame.from_ndarray(data, format="yuv420p")
+        rgb = data
         if self._pad_w or self._pad_h:
             rgb = np.pad(rgb, ((0, self._pad_h), (0, self._pad_w), (0, 0)), mode="edge")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         if self._pix_fmt == "yuv420p":
             # BT.601 limited range with bicubic chroma filtering: what ffmpeg's
-            # `-vf format=yuv420p` does to the official RGB PNGs.
+            # `-vf format=yuv420p` does to the official RGB PNGs. Copied into a fresh frame:
+            # swscale's output buffer has uninitialised padding that libx264 reads at sizes that
+            # are not multiples of 16, which made the output differ from run to run.
             frame = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG",
                                    interpolation="BICUBIC")
+            frame = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
         elif self._pix_fmt == "bgr0":
             frame = frame.reformat(format="bgr0")
         return frame
@@ -731,6 +896,15 @@ class VideoWriter:
         self.frames_written += 1
         if self._audio_in is not None:
             # Keep the audio a little ahead of the video so the muxer interleaves evenly.
+            self._pump_audio(int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate)))
+
+    def _mux_segment(self, packets: list[Any], n: int) -> None:
+        """Mux one encoded segment (packets already re-timed), keeping the audio just ahead."""
+        for packet in packets:
+            packet.stream = self._vstream
+            self._container.mux(packet)
+        self.frames_written += n
+        if self._audio_in is not None:
             self._pump_audio(int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate)))
 
     def _pump_audio(self, until: int, *, final: bool = False) -> None:
@@ -767,8 +941,9 @@ class VideoWriter:
     def _finish(self) -> None:
         if self.frames_written == 0:
             raise EngineRuntimeError(f"output {self.path}: no frames were written")
-        for packet in self._vstream.encode(None):
-            self._container.mux(packet)
+        if not self._segmented:
+            for packet in self._vstream.encode(None):
+                self._container.mux(packet)
         if self._audio_in is not None:
             # The audio may run at most one frame past the video's end (official: no -shortest,
             # and the frame count is floor(audio_s * fps), so the audio is never longer than that).
