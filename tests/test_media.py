@@ -464,7 +464,8 @@ def test_segmented_writer_abort_removes_the_file_and_stops_threads(tmp_path):
 
 def test_encoder_workers_default_and_env(tmp_path, monkeypatch):
     assert media.default_encoder_workers(2) == 1 and media.default_encoder_workers(4) == 1
-    assert media.default_encoder_workers(16) == 8 and media.default_encoder_workers(8) == 4
+    assert media.default_encoder_workers(16) == 4 and media.default_encoder_workers(8) == 2
+    assert media.default_encoder_workers(64) == 8
     monkeypatch.setenv("MUSETALK_ENCODER_WORKERS", "3")
     w = media.VideoWriter(tmp_path / "e.mp4", width=64, height=48, fps=25)
     assert w.workers == 3

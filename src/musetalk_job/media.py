@@ -471,10 +471,10 @@ DEFAULT_SEGMENT_FRAMES = 50
 
 def default_encoder_workers(cpus: Optional[int] = None) -> int:
     """Parallel libx264 segments for this machine: one stream below 8 CPUs (x264's own threads
-    suffice there), else one encoder per 2 CPUs, at most 8 (x264 scales poorly past a few
-    threads per stream; independent segments scale with the cores)."""
+    suffice there), else one encoder per 4 CPUs, at most 8. On the 16-vCPU H200 host, 720p
+    `medium`: 1 stream 108 frames/s, 2 segments 193, 4 segments 204, 8 segments 176 (run 7)."""
     cpus = cpus or os.cpu_count() or 1
-    return 1 if cpus < 8 else min(8, cpus // 2)
+    return 1 if cpus < 8 else min(8, cpus // 4)
 
 
 class VideoWriter:
