@@ -9,8 +9,8 @@ Contract:
   flight at once (network disks scale with queue depth). The GIL is released during each read.
   - ``read(path) -> ReadHandle``: the whole file into one anonymous, lazily zeroed ``mmap``
     buffer (no memset of gigabytes); ``handle.result()`` waits and returns the buffer.
-  - ``warm(path) -> ReadHandle``: the file into the page cache only (per-thread scratch buffers,
-    discarded), for loaders that map the file themselves (``torch.load(mmap=True)``);
+  - ``warm(path) -> ReadHandle``: the file into the page cache only (into one shared, discarded
+    sink buffer), for loaders that map the file themselves (``torch.load(mmap=True)``);
     ``result()`` returns ``None``.
   ``result()`` re-raises the first error of any chunk: ``OSError`` (unreadable) or
   ``ShortReadError`` (the file ended before the size it had when the read started). The caller
@@ -121,7 +121,17 @@ class Reader:
         self.workers = max(1, workers or IO_WORKERS)
         self.chunk_bytes = max(1 << 16, chunk_bytes or CHUNK_BYTES)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="musetalk-read")
-        self._scratch = threading.local()
+        self._sink_buf: memoryview | None = None
+        self._sink_lock = threading.Lock()
+
+    def _sink(self) -> memoryview:
+        """One ``chunk_bytes`` buffer that every thread's page-cache-only reads land in (the
+        bytes are discarded, so concurrent writes do not matter): memory stays ``chunk_bytes``."""
+        if self._sink_buf is None:
+            with self._sink_lock:
+                if self._sink_buf is None:
+                    self._sink_buf = memoryview(bytearray(self.chunk_bytes))
+        return self._sink_buf
 
     def read(self, path: Path | str) -> ReadHandle:
         return self._start(Path(path), keep=True)
@@ -152,9 +162,7 @@ class Reader:
         except OSError:
             return
         try:
-            scratch = getattr(self._scratch, "buf", None)
-            if scratch is None:
-                scratch = self._scratch.buf = memoryview(bytearray(self.chunk_bytes))
+            scratch = self._sink()
             end = off + length if length >= 0 else os.fstat(fd).st_size
             while off < end:
                 n = os.preadv(fd, [scratch[: min(len(scratch), end - off)]], off)
@@ -199,10 +207,7 @@ class Reader:
                 if view is not None:
                     _pread_into(fd, view[off : off + length], off, handle)
                 else:
-                    scratch = getattr(self._scratch, "buf", None)
-                    if scratch is None or len(scratch) < length:
-                        scratch = self._scratch.buf = memoryview(bytearray(self.chunk_bytes))
-                    _pread_into(fd, scratch[:length], off, handle)
+                    _pread_into(fd, self._sink()[:length], off, handle)
         except BaseException as exc:  # noqa: BLE001 - handed to result()
             error = exc
         handle._chunk_done(error)

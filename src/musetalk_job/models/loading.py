@@ -519,7 +519,7 @@ class _Loader:
         with self.timer.step(f"wait_read_{name}"):
             try:
                 handle.result()
-            except BaseException:
+            except Exception:  # noqa: BLE001
                 pass  # read_state_dict below raises the ModelsError naming the file
         if handle.finished is not None:
             self.timer.add(f"read_{name}", handle.started, handle.finished)
