@@ -206,20 +206,26 @@ def test_job_end_to_end_with_probes_and_busy(server, s3, inputs, tmp_path):
     while time.monotonic() < deadline and not requests.get(server.base + "/health/ready", timeout=2).json()["busy"]:
         time.sleep(0.02)
     assert poster.is_alive(), "the job finished before it could be observed"
-    slowest = 0.0
+    times: list[float] = []
     busy_answer = server.post({**job, "output": "s3://media/out/second.mp4"}, job_id="second", timeout=10)
     for _ in range(10):
         for path in ("/health/startup", "/health/ready", "/health/live"):
             t0 = time.monotonic()
             resp = requests.get(server.base + path, timeout=2)
-            slowest = max(slowest, time.monotonic() - t0)
+            times.append(time.monotonic() - t0)
             assert resp.status_code == 200, (path, resp.text)
         time.sleep(0.05)
     still_running = poster.is_alive()
     poster.join(300)
     assert busy_answer.status_code == 503 and "busy" in busy_answer.json()["message"]
     assert still_running, "probes were not measured while the job ran"
-    assert slowest < 0.1, f"a probe took {slowest * 1000:.0f} ms while a job ran"
+    # The job saturates this machine's CPUs (a CPU job on 2 cores in CI): probes are typically
+    # answered in a few ms, an occasional one waits for the scheduler/GIL. SaladCloud's probe
+    # timeout in deploy/salad/*.json is 5 s; a probe path that waited for the job would take
+    # the whole job (seconds).
+    times.sort()
+    assert times[len(times) // 2] < 0.1, f"median probe {times[len(times) // 2] * 1000:.0f} ms while a job ran"
+    assert times[-1] < 1.0, f"a probe took {times[-1] * 1000:.0f} ms while a job ran"
 
     resp = result["resp"]
     assert resp.status_code == 200, resp.text
