@@ -29,6 +29,17 @@ loader (``MUSETALK_LOAD_PARALLEL=0``) and reports it under ``loaders.serial``; t
 ``--read-throughput`` adds the raw read speed of the weight files, one thread sequentially and
 with N threads of ``fastio.Reader`` (page cache dropped before each when possible);
 ``--repeats 0`` with it measures only that.
+``--import-profile`` adds one more run per mode (after the timed ones, page cache dropped as
+for them) with a sampling profiler in the child (stdlib; ``sys._current_frames`` every 5 ms):
+for the main thread and the loader's import and CUDA threads, the seconds spent per module
+body being executed (``modules``, self time, like ``-X importtime``), per innermost Python
+function (``leaf``: e.g. ``<frozen importlib._bootstrap_external>:get_data`` = reading a
+``.pyc``, ``:_path_stat`` = ``stat``, ``:create_module`` = ``dlopen`` of an extension) and per
+top-level package. Sampling slows the child a little: those runs are not in the medians.
+Every run reports ``imports_counters`` (the main thread's CPU seconds, major page faults,
+bytes read from disk and read syscalls during the imports before ``load``) and
+``load_counters`` (the same for the import and CUDA steps inside ``load``); a CPU-bound step has
+``cpu_s`` close to its wall time, one waiting on the disk has high ``majflt``/``read_bytes``.
 """
 
 from __future__ import annotations
@@ -41,7 +52,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +64,79 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST_KEYS_BASE = ("vae", "whisper-encoder", "bisenet")
 
 
+PROFILED_THREADS = ("MainThread", "musetalk-load-imports", "musetalk-load-cuda")
+
+
+def _short_path(file: str) -> str:
+    for marker in ("site-packages/", "dist-packages/", "/src/"):
+        if marker in file:
+            return file.split(marker, 1)[1]
+    return file
+
+
+class _Sampler:
+    """Stdlib sampling profiler of a few threads: every ``interval`` s, each thread's innermost
+    frame (``leaf``) and innermost module body being executed (``modules``, ``packages``)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.counts: dict[str, dict[str, Counter[str]]] = {}
+        self.samples: Counter[str] = Counter()
+        self.ticks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cold-start-sampler", daemon=True)
+        self._t0 = time.perf_counter()
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        names: dict[int, str] = {}
+        while not self._stop.wait(self.interval):
+            self.ticks += 1
+            for tid, frame in sys._current_frames().items():
+                if tid == me:
+                    continue
+                if tid not in names:
+                    names.update({t.ident: t.name for t in threading.enumerate() if t.ident is not None})
+                name = names.get(tid, str(tid))
+                if name not in PROFILED_THREADS:
+                    continue
+                c = self.counts.setdefault(name, {"modules": Counter(), "leaf": Counter(), "leaf_lines": Counter(),
+                                                   "packages": Counter()})
+                self.samples[name] += 1
+                code = frame.f_code
+                c["leaf"][f"{_short_path(code.co_filename)}:{code.co_name}"] += 1
+                c["leaf_lines"][f"{_short_path(code.co_filename)}:{frame.f_lineno}:{code.co_name}"] += 1
+                f: Any = frame
+                while f is not None and f.f_code.co_name != "<module>":
+                    f = f.f_back
+                # the outermost frame (the script itself, a thread's run) is not an import
+                module = _short_path(f.f_code.co_filename) if f is not None and f.f_back is not None else "(not importing)"
+                c["modules"][module] += 1
+                c["packages"][module.split("/", 1)[0] if "/" in module else module] += 1
+
+    def report(self, top: int = 25) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        wall = time.perf_counter() - self._t0
+        out: dict[str, Any] = {"interval_s": self.interval, "ticks": self.ticks, "wall_s": round(wall, 3), "threads": {}}
+        for name, c in self.counts.items():
+            n = self.samples[name]
+            per = wall / max(1, self.ticks)  # seconds per sample: the real tick, sampling cost included
+            out["threads"][name] = {"samples": n, "seconds": round(n * per, 3)} | {
+                kind: [[k, round(v * per, 3)] for k, v in counter.most_common(top)] for kind, counter in c.items()}
+        return out
+
+
 def _child(args: argparse.Namespace) -> None:
     """Runs in the measured process: load everything, report timestamps as JSON."""
+    sampler = _Sampler() if args.import_profile else None
     t_imports0 = time.time()
+    from musetalk_job.models import fastio  # stdlib only
+
+    counters0 = fastio.thread_counters()
     prefetched: list[str] = []
     if args.early_prefetch:
-        from musetalk_job.models import fastio
-
         on_cuda = args.device.startswith("cuda") if args.device else os.path.exists("/dev/nvidiactl")
         dtype = args.load_dtype or ("fp16" if on_cuda else None)
         dtype = None if dtype == "fp32" else dtype
@@ -67,14 +146,14 @@ def _child(args: argparse.Namespace) -> None:
     from musetalk_job.pipeline import Pipeline
 
     t_imports = time.time()
+    imports_counters = fastio.counters_delta(counters0, fastio.thread_counters())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = Pipeline.from_models_dir(args.models_dir, device=device, version=args.version, dtype=args.load_dtype,
                                     landmarks=None if args.landmarks == "none" else args.landmarks)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_ready = time.time()
-    from musetalk_job.models import fastio
-
+    profile = sampler.report() if sampler is not None else None
     fastio.wait_recorded(30)  # after t_ready: a recording run must not exit before its manifest is written
     sources = {name: {"path": str(src.path), "fast": bool(src.fast)} for name, src in pipe.models.sources.items()}
     print(json.dumps({
@@ -90,6 +169,9 @@ def _child(args: argparse.Namespace) -> None:
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
         "load_breakdown": getattr(pipe.models, "load_breakdown", {}),
         "load_timeline": getattr(pipe.models, "load_timeline", {}),
+        "load_counters": getattr(pipe.models, "load_counters", {}),
+        "imports_counters": imports_counters,
+        "import_profile": profile,
         "prefetched": prefetched,
     }))
 
@@ -117,9 +199,11 @@ def _drop_caches() -> bool:
         return False
 
 
-def _run_child(models_dir: Path, args: argparse.Namespace, loader: str = "parallel") -> dict[str, Any]:
+def _run_child(models_dir: Path, args: argparse.Namespace, loader: str = "parallel", profile: bool = False) -> dict[str, Any]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--models-dir", str(models_dir),
             "--version", args.version, "--landmarks", args.landmarks]
+    if profile:
+        argv += ["--import-profile"]
     if args.device:
         argv += ["--device", args.device]
     if args.load_dtype:
@@ -154,7 +238,10 @@ def _run_child(models_dir: Path, args: argparse.Namespace, loader: str = "parall
         "loader": loader,
         "load_breakdown": out.get("load_breakdown", {}),
         "load_timeline": out.get("load_timeline", {}),
+        "load_counters": out.get("load_counters", {}),
+        "imports_counters": out.get("imports_counters", {}),
         "prefetched": out.get("prefetched", []),
+        **({"import_profile": out["import_profile"]} if out.get("import_profile") else {}),
     }
 
 
@@ -162,8 +249,17 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     values = [r["start_to_ready_s"] for r in runs]
     keys = sorted({k for r in runs for k in r["load_breakdown"]})
     breakdown = {k: round(statistics.median([r["load_breakdown"].get(k, 0.0) for r in runs]), 3) for k in keys}
+    steps = sorted({k for r in runs for k in r.get("load_counters", {})})
+    counters = {
+        step: {c: round(statistics.median([r["load_counters"].get(step, {}).get(c, 0.0) for r in runs]), 3)
+               for c in sorted({c for r in runs for c in r["load_counters"].get(step, {})})}
+        for step in steps
+    }
+    imports = {c: round(statistics.median([r.get("imports_counters", {}).get(c, 0.0) for r in runs]), 3)
+               for c in sorted({c for r in runs for c in r.get("imports_counters", {})})}
     return {"median_s": round(statistics.median(values), 3), "min_s": min(values), "max_s": max(values),
-            "load_breakdown_median": breakdown, "runs": runs}
+            "load_breakdown_median": breakdown, "load_counters_median": counters,
+            "imports_counters_median": imports, "runs": runs}
 
 
 def _manifest_bytes(path: Path) -> int:
@@ -232,6 +328,8 @@ def main() -> int:
     p.add_argument("--warm-manifest", choices=("record", "off", "inherit"), default="record",
                    help="record (default): one untimed run records a fresh warm manifest in a temp dir that the "
                         "timed runs use; off: MUSETALK_WARM_MANIFEST=0; inherit: the environment's")
+    p.add_argument("--import-profile", action="store_true",
+                   help="one extra sampled run per mode: where the imports and load spend their time")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -318,6 +416,18 @@ def main() -> int:
                          f"fast: {', '.join(run['fast_sources']) or 'none'}; "
                          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(bd.items(), key=lambda kv: -kv[1])[:6]) + ")")
                     runs[loader][mode].append(run)
+        if args.import_profile:
+            result["import_profile"] = {}
+            for mode in ("original", "fast"):
+                if dropped:
+                    _drop_caches()
+                run = _run_child(dirs[mode], args, loaders[0], profile=True)
+                result["import_profile"][mode] = {
+                    "start_to_ready_s": run["start_to_ready_s"], "imports_s": run["imports_s"],
+                    "models_load_s": run["models_load_s"], "load_breakdown": run["load_breakdown"],
+                    "load_counters": run["load_counters"], "imports_counters": run["imports_counters"],
+                    "profile": run.get("import_profile")}
+                _log(f"profiled {mode}: {run['start_to_ready_s']:.2f}s")
     result["page_cache"] = "dropped before every run" if dropped else "warm (one untimed warm-up per mode)"
     if args.repeats > 0:
         first = runs[loaders[0]]

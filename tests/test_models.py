@@ -667,6 +667,10 @@ def test_parallel_and_serial_loads_agree_with_and_without_fast_copies(models_cop
         for key, (start, end) in par.load_timeline.items():
             assert 0 <= start <= end <= par.load_seconds + 1e-3, key
         assert "cuda_init" not in par.load_breakdown  # CPU: no CUDA thread
+        for m in (par, ser):  # the import steps carry their thread's counters (CPU, faults, disk reads)
+            assert "import_diffusers" in m.load_counters and "cuda_init" not in m.load_counters
+            assert {"cpu_s", "majflt", "read_bytes", "syscr"} <= m.load_counters["import_diffusers"].keys()
+            assert all(v >= 0 for c in m.load_counters.values() for v in c.values())
 
 
 def test_broken_fast_copy_falls_back_in_the_parallel_loader(models_copy: Path, v15: MuseTalkModels, caplog) -> None:
@@ -720,6 +724,9 @@ def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path
     extra = tmp_path / "opened.txt"
     extra.write_text("x")
     extra.read_text()
+    (tmp_path / "listed").mkdir()
+    os.listdir(tmp_path / "listed")
+    os.listdir(tiny_models_dir)  # inside the models dir: left out
     assert fastio.record_manifest(exclude=[tiny_models_dir]) == manifest
     data = json.loads(manifest.read_text())
     paths = [e["path"] for e in data["files"]]
@@ -728,6 +735,12 @@ def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path
     assert sys.modules["torch"].__spec__.cached in paths or sys.modules["torch"].__spec__.origin in paths
     libs = [e for e in data["files"] if "ranges" in e]
     assert libs and all(a >= 0 and b > 0 for e in libs for a, b in e["ranges"])
+    # metadata the imports touch: the source file of a module imported from its .pyc (stat
+    # only), its package dir (listed by the path finder); directories listed while recording
+    entries = {(e["path"], "stat" if e.get("stat") else "dir" if e.get("dir") else "read") for e in data["files"]}
+    assert (fastio.__file__, "stat") in entries and (os.path.dirname(fastio.__file__), "dir") in entries
+    assert (str(tmp_path / "listed"), "dir") in entries
+    assert not any(p.startswith(str(tiny_models_dir)) for p, _k in entries)
     assert fastio.manifest_is_current()
     monkeypatch.setattr(fastio, "_WARMED", [])
     assert fastio.warm_manifest() == len(data["files"])
@@ -740,6 +753,48 @@ def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path
     assert fastio.warm_manifest() == 0
     monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
     assert fastio.manifest_path() is None and fastio.record_manifest() is None
+
+
+def test_warm_manifest_replays_old_and_meta_entries(tmp_path: Path, monkeypatch) -> None:
+    """Entries of every kind (whole file, ranges, stat, dir; missing paths too) are queued and
+    run on the shared reader without raising; a manifest without stat/dir entries still works."""
+    import json
+
+    from musetalk_job.models import fastio
+
+    data_file = tmp_path / "data.bin"
+    data_file.write_bytes(os.urandom(3 << 16))
+    files = [{"path": str(data_file)}, {"path": str(data_file), "ranges": [[0, 4096], [1 << 16, 100]]},
+             {"path": str(data_file), "stat": True}, {"path": str(tmp_path), "dir": True},
+             {"path": str(tmp_path / "gone"), "stat": True}, {"path": str(tmp_path / "gone-dir"), "dir": True},
+             {"path": str(tmp_path / "gone.bin")}]
+    manifest = tmp_path / "warm.json"
+    manifest.write_text(json.dumps({"env": fastio._env_key(), "created": 0, "files": files}))
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(manifest))
+    reader = fastio.Reader(workers=2, chunk_bytes=1 << 16)
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    monkeypatch.setattr(fastio, "_MANIFEST_READER", None)
+    try:
+        assert fastio.warm_manifest(reader=reader) == len(files)
+    finally:
+        reader.shutdown(wait=True)  # every queued task ran (errors of vanished paths ignored)
+
+
+def test_thread_counters_see_cpu_and_reads(tmp_path: Path) -> None:
+    from musetalk_job.models import fastio
+
+    before = fastio.thread_counters()
+    t = time.thread_time()
+    while time.thread_time() - t < 0.05:
+        pass
+    for _ in range(20):
+        os.stat(tmp_path)
+    (tmp_path / "f").write_bytes(b"x" * 10)
+    (tmp_path / "f").read_bytes()
+    delta = fastio.counters_delta(before, fastio.thread_counters())
+    assert delta["cpu_s"] >= 0.04
+    if os.path.exists("/proc/thread-self/io"):
+        assert delta["syscr"] >= 1 and delta["majflt"] >= 0 and delta["read_bytes"] >= 0
 
 
 def test_read_throughput_reports_bytes(tiny_models_dir: Path) -> None:

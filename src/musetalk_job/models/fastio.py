@@ -29,10 +29,18 @@ Contract:
   ``~/.cache/musetalk-job/warm-files.json``; ``MUSETALK_WARM_MANIFEST=0`` disables it):
   ``start_recording()`` + ``record_manifest()`` write the files this process opened through
   Python since (audit hook: ``.pyc``, dist-info metadata, configs), every loaded module's file,
-  and the shared libraries it mapped with the ranges this process touched (``/proc/self/pagemap``);
-  ``warm_manifest()`` starts reading them all into the page cache in parallel, so that imports
-  and ``dlopen`` (serial small reads, latency-bound on a network disk) hit the cache. A manifest
-  of another environment (``sys.prefix`` + cache tag) or a vanished file is skipped.
+  and the shared libraries it mapped with the ranges this process touched (``/proc/self/pagemap``),
+  plus the metadata the import system touches without reading a file: each module's source file
+  (``stat`` only: the import checks its mtime against the ``.pyc``) and each directory listed
+  (``os.listdir``/``os.scandir``: the path finders' caches, ``importlib.metadata``), so their
+  inodes and directory blocks are cached too. ``warm_manifest()`` starts all of it (reads into
+  the page cache, ``stat``, ``listdir``) in parallel, so that imports and ``dlopen`` (serial small
+  reads, latency-bound on a network disk) hit the cache. A manifest of another environment
+  (``sys.prefix`` + cache tag) or a vanished file is skipped; manifests written before the
+  ``stat``/``dir`` entries existed still work.
+- ``thread_counters() -> dict``: the calling thread's CPU seconds, major page faults, bytes read
+  from disk and read syscalls (``/proc/thread-self``; only ``cpu_s`` where that is missing), for
+  telling a CPU-bound step from one waiting on the disk.
 - ``throughput(paths, workers)``: raw read speed of a set of files (for ``bench/cold_start.py``).
 """
 
@@ -156,6 +164,11 @@ class Reader:
                 n += 1
         return n
 
+    def warm_meta(self, path: str, kind: str) -> None:
+        """Advisory: ``kind`` "stat" (the inode) or "dir" (its listing) of ``path``, in the pool;
+        errors are ignored."""
+        self._pool.submit(_warm_meta, path, kind)
+
     def _warm_piece(self, path: str, off: int, length: int) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -211,6 +224,16 @@ class Reader:
         except BaseException as exc:  # noqa: BLE001 - handed to result()
             error = exc
         handle._chunk_done(error)
+
+
+def _warm_meta(path: str, kind: str) -> None:
+    try:
+        if kind == "dir":
+            os.listdir(path)
+        else:
+            os.stat(path)
+    except OSError:
+        pass
 
 
 def _pread_into(fd: int, target: memoryview, offset: int, handle: ReadHandle) -> None:
@@ -474,15 +497,39 @@ def record_manifest(path: Path | None = None, exclude: Sequence[Path | str] = ()
             *(os.path.join(os.path.abspath(d), "") for d in exclude))
     seen: set[str] = set()
     libs = _touched_ranges()  # shared libraries: only the touched ranges, never whole
-    for file in list(_OPENED):
+
+    def keep(file: str) -> bool:
+        return file not in seen and file not in libs and not file.startswith(skip) and not os.path.realpath(file).startswith(skip)
+
+    def add_dir(folder: str) -> None:
+        key = "dir:" + folder
+        inside = os.path.join(folder, "").startswith(skip) or os.path.join(os.path.realpath(folder), "").startswith(skip)
+        if folder and key not in seen and not inside and os.path.isdir(folder):
+            seen.add(key)
+            entries.append({"path": folder, "dir": True})
+
+    for file, kind in list(_OPENED.items()):
         file = os.path.abspath(file)
-        if file not in seen and file not in libs and not file.startswith(skip) and not os.path.realpath(file).startswith(skip) and os.path.isfile(file):
+        if kind == "dir":
+            add_dir(file)
+        elif keep(file) and os.path.isfile(file):
             seen.add(file)
             entries.append({"path": file})
     for module in list(sys.modules.values()):
         spec = getattr(module, "__spec__", None)
-        file = getattr(spec, "cached", None) or getattr(spec, "origin", None)
-        if isinstance(file, str) and file not in seen and file not in libs and os.path.isfile(file):
+        origin = getattr(spec, "origin", None)
+        cached = getattr(spec, "cached", None)
+        file = cached or origin
+        if not isinstance(file, str) or not os.path.isabs(file):
+            continue
+        # the import lists the package dir (path finder cache) and stats the source before
+        # reading the .pyc: warm those inodes/blocks too, in import order
+        if isinstance(origin, str) and os.path.isabs(origin):
+            add_dir(os.path.dirname(origin))
+            if cached and origin != cached and keep(origin) and os.path.isfile(origin):
+                seen.add(origin)
+                entries.append({"path": origin, "stat": True})
+        if keep(file) and os.path.isfile(file):
             seen.add(file)
             entries.append({"path": file})
     for lib, ranges in libs.items():
@@ -555,6 +602,10 @@ def warm_manifest(path: Path | None = None, reader: Reader | None = None) -> int
         count = 0
         for entry in files:
             try:
+                if entry.get("dir") or entry.get("stat"):
+                    _MANIFEST_READER.warm_meta(str(entry["path"]), "dir" if entry.get("dir") else "stat")
+                    count += 1
+                    continue
                 ranges = [(int(a), int(b)) for a, b in entry["ranges"]] if "ranges" in entry else None
                 _MANIFEST_READER.warm_pieces(str(entry["path"]), ranges)
                 count += 1
@@ -565,15 +616,20 @@ def warm_manifest(path: Path | None = None, reader: Reader | None = None) -> int
 
 
 # Files opened through Python (``open``/``os.open``/``io.open_code``: .pyc, dist-info METADATA
-# read by importlib.metadata, configs, ...) while recording, via an audit hook.
-_OPENED: dict[str, None] = {}
+# read by importlib.metadata, configs, ...) and directories listed (path finders,
+# importlib.metadata) while recording, via an audit hook: path -> "file" | "dir".
+_OPENED: dict[str, str] = {}
 _RECORDING = False
 _HOOKED = False
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    if _RECORDING and event == "open" and args and isinstance(args[0], str):
-        _OPENED[args[0]] = None
+    if not _RECORDING or not args or not isinstance(args[0], str):
+        return
+    if event == "open":
+        _OPENED.setdefault(args[0], "file")
+    elif event in ("os.listdir", "os.scandir"):
+        _OPENED.setdefault(args[0], "dir")
 
 
 def start_recording() -> None:
@@ -587,6 +643,34 @@ def start_recording() -> None:
 
 
 _MANIFEST_READER: Reader | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# Per-thread counters (what a step spent: CPU, page faults, disk reads)
+
+
+def thread_counters() -> dict[str, float]:
+    """The calling thread's ``cpu_s`` (user + system), ``majflt`` (major page faults: pages of a
+    mapped file, e.g. a shared library, read from disk), ``read_bytes`` (bytes this thread made
+    the kernel read from disk, page faults and readahead included) and ``syscr`` (read syscalls),
+    from ``/proc/thread-self``. Only ``cpu_s`` where ``/proc`` is not available."""
+    out: dict[str, float] = {"cpu_s": time.thread_time()}
+    try:
+        with open("/proc/thread-self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        out["majflt"] = float(fields[9])  # field 12 of proc(5), counted after "pid (comm)"
+        with open("/proc/thread-self/io", "rb") as fh:
+            io = dict(line.split(b": ", 1) for line in fh.read().splitlines() if b": " in line)
+        out["read_bytes"] = float(io[b"read_bytes"])
+        out["syscr"] = float(io[b"syscr"])
+    except (OSError, IndexError, KeyError, ValueError):
+        pass
+    return out
+
+
+def counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """``after - before`` per key present in both (``cpu_s`` rounded to ms, counts as ints)."""
+    return {k: round(after[k] - before[k], 3) if k == "cpu_s" else float(int(after[k] - before[k])) for k in before if k in after}
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,13 +22,15 @@ Contract:
   the download hint.
 - Cold start (``PARALLEL_LOAD``, default on; ``MUSETALK_LOAD_PARALLEL=0`` gives the plain serial
   loader): independent work overlaps — CUDA context + cuBLAS/cuDNN warm-up in a background
-  thread, diffusers and transformers imported in two threads, every weight file read by
+  thread, diffusers then transformers imported in one background thread, every weight file read by
   ``fastio.Reader`` (parallel ``os.preadv`` chunks; safetensors parsed zero-copy from the
   buffer, torch zip/legacy files pulled into the page cache and then ``torch.load(mmap=True)``),
   modules built on meta while the bytes arrive. Reads started earlier by ``fastio.prefetch`` are
   taken over. Errors of any thread surface as they would serially (the same ``ModelsError``).
 - ``load_breakdown`` holds seconds per step and ``load_timeline`` (start, end) seconds since the
-  start of ``load`` (docs/engine-models.md, "Cold start", lists the keys).
+  start of ``load`` (docs/engine-models.md, "Cold start", lists the keys); ``load_counters``
+  holds, for the imports and the CUDA steps, the thread's ``cpu_s``, ``majflt``, ``read_bytes``
+  and ``syscr`` during the step (``fastio.thread_counters``).
 """
 
 from __future__ import annotations
@@ -200,12 +202,14 @@ class ModelSource:
 
 
 class _Timer:
-    """Per-step seconds (``breakdown``) and (start, end) since ``t0`` (``timeline``); thread-safe."""
+    """Per-step seconds (``breakdown``), (start, end) since ``t0`` (``timeline``) and, for steps
+    timed with ``counters=True``, the thread's CPU / page-fault / disk-read counters; thread-safe."""
 
     def __init__(self, t0: float) -> None:
         self.t0 = t0
         self.breakdown: dict[str, float] = {}
         self.timeline: dict[str, tuple[float, float]] = {}
+        self.counters: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
 
     def add(self, key: str, start: float, end: float) -> None:
@@ -215,12 +219,17 @@ class _Timer:
             self.timeline[key] = (round(first, 4), round(end - self.t0, 4))
 
     @contextmanager
-    def step(self, key: str) -> Iterator[None]:
+    def step(self, key: str, counters: bool = False) -> Iterator[None]:
+        before = fastio.thread_counters() if counters else None
         start = time.perf_counter()
         try:
             yield
         finally:
             self.add(key, start, time.perf_counter())
+            if before is not None:
+                delta = fastio.counters_delta(before, fastio.thread_counters())
+                with self._lock:
+                    self.counters[key] = delta
 
 
 class _Background:
@@ -259,7 +268,7 @@ class _CudaWarmup:
 
     def _run(self) -> None:
         try:
-            with self._timer.step("cuda_init"):
+            with self._timer.step("cuda_init", counters=True):
                 torch.cuda.init()
                 torch.empty(1, device=self.device)
         except BaseException as exc:  # noqa: BLE001 - raised in the main thread by wait_context()
@@ -268,7 +277,7 @@ class _CudaWarmup:
         finally:
             self.context.set()
         if WARM_CUDA_LIBS:
-            with self._timer.step("cuda_libs"):
+            with self._timer.step("cuda_libs", counters=True):
                 a = torch.ones(16, 16, device=self.device, dtype=self._dtype)
                 torch.mm(a, a)  # cuBLAS / cuBLASLt handle and library load
                 x = torch.ones(1, 4, 8, 8, device=self.device, dtype=self._dtype)
@@ -324,7 +333,7 @@ class _Imports:
     def _run(self) -> None:
         for key, fn in self._FNS.items():
             try:
-                with self._timer.step(f"import_{key}"):
+                with self._timer.step(f"import_{key}", counters=True):
                     self._values[key] = fn()
             except BaseException as exc:  # noqa: BLE001 - retried in the main thread by get()
                 self._errors[key] = exc
@@ -340,7 +349,7 @@ class _Imports:
             if key in self._values:
                 return self._values[key]
             log.debug("background import of %s failed; importing in the main thread", key, exc_info=self._errors.get(key))
-        with self._timer.step(f"import_{key}"):
+        with self._timer.step(f"import_{key}", counters=True):
             self._values[key] = self._FNS[key]()
         return self._values[key]
 
@@ -362,6 +371,7 @@ class MuseTalkModels:
     sources: dict[str, ModelSource] = field(default_factory=dict)
     load_breakdown: dict[str, float] = field(default_factory=dict)
     load_timeline: dict[str, tuple[float, float]] = field(default_factory=dict)
+    load_counters: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -444,6 +454,7 @@ class MuseTalkModels:
             sources=loader.sources,
             load_breakdown=dict(timer.breakdown),
             load_timeline=dict(timer.timeline),
+            load_counters=dict(timer.counters),
         )
 
 
