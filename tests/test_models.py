@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -743,7 +745,8 @@ def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path
     assert not any(p.startswith(str(tiny_models_dir)) for p, _k in entries)
     assert fastio.manifest_is_current()
     monkeypatch.setattr(fastio, "_WARMED", [])
-    assert fastio.warm_manifest() == len(data["files"])
+    assert fastio.warm_manifest() == len(data["files"])  # in the helper process (default)
+    assert fastio.wait_warmed(60) == 0
     assert fastio.warm_manifest() == 0  # once per process
     # another environment's manifest, or a broken one: nothing
     monkeypatch.setattr(fastio, "_WARMED", [])
@@ -775,9 +778,25 @@ def test_warm_manifest_replays_old_and_meta_entries(tmp_path: Path, monkeypatch)
     monkeypatch.setattr(fastio, "_WARMED", [])
     monkeypatch.setattr(fastio, "_MANIFEST_READER", None)
     try:
-        assert fastio.warm_manifest(reader=reader) == len(files)
+        assert fastio.warm_manifest(reader=reader) == len(files)  # on this process's threads
     finally:
         reader.shutdown(wait=True)  # every queued task ran (errors of vanished paths ignored)
+    # the helper process: the same entries, plus a malformed one that is skipped; exit code 0
+    manifest.write_text(json.dumps({"env": fastio._env_key(), "created": 0, "files": [*files, {"nope": 1}]}))
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    assert fastio.warm_manifest() == len(files)
+    assert fastio.wait_warmed(60) == 0
+    # without a helper process (MUSETALK_WARM_PROCESS=0): the shared reader's threads
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    monkeypatch.setattr(fastio, "WARM_PROCESS", False)
+    monkeypatch.setattr(fastio, "_WARM_PROC", None)
+    monkeypatch.setattr(fastio, "_MANIFEST_READER", reader2 := fastio.Reader(workers=2, chunk_bytes=1 << 16))
+    try:
+        assert fastio.warm_manifest() == len(files) and fastio.wait_warmed(1) is None
+    finally:
+        reader2.shutdown(wait=True)
+    bad = subprocess.run([sys.executable, "-I", "-S", fastio.__file__, "--warm"], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "usage" in bad.stderr
 
 
 def test_thread_counters_see_cpu_and_reads(tmp_path: Path) -> None:

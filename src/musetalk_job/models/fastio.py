@@ -34,8 +34,10 @@ Contract:
   (``stat`` only: the import checks its mtime against the ``.pyc``) and each directory listed
   (``os.listdir``/``os.scandir``: the path finders' caches, ``importlib.metadata``), so their
   inodes and directory blocks are cached too. ``warm_manifest()`` starts all of it (reads into
-  the page cache, ``stat``, ``listdir``) in parallel, so that imports and ``dlopen`` (serial small
-  reads, latency-bound on a network disk) hit the cache. A manifest of another environment
+  the page cache, ``stat``, ``listdir``) in parallel — by default in a helper process running
+  this file (standard library only), so the thousands of small reads never take this process's
+  GIL from its imports; ``wait_warmed()`` joins it — so that imports and ``dlopen`` (serial
+  small reads, latency-bound on a network disk) hit the cache. A manifest of another environment
   (``sys.prefix`` + cache tag) or a vanished file is skipped; manifests written before the
   ``stat``/``dir`` entries existed still work.
 - ``thread_counters() -> dict``: the calling thread's CPU seconds, major page faults, bytes read
@@ -50,6 +52,7 @@ import json
 import mmap
 import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -576,14 +579,52 @@ def manifest_is_current(path: Path | None = None) -> bool:
 
 
 _WARMED: list[int] = []
+WARM_PROCESS = os.environ.get("MUSETALK_WARM_PROCESS", "1") != "0"
+_WARM_PROC: subprocess.Popen[bytes] | None = None
+
+
+def _queue_entries(files: Sequence[Any], reader: Reader) -> int:
+    """Queue the manifest entries on ``reader`` in order; returns how many were well-formed."""
+    count = 0
+    for entry in files:
+        try:
+            if entry.get("dir") or entry.get("stat"):
+                reader.warm_meta(str(entry["path"]), "dir" if entry.get("dir") else "stat")
+            else:
+                ranges = [(int(a), int(b)) for a, b in entry["ranges"]] if "ranges" in entry else None
+                reader.warm_pieces(str(entry["path"]), ranges)
+            count += 1
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return count
+
+
+def _well_formed(files: Sequence[Any]) -> int:
+    count = 0
+    for entry in files:
+        try:
+            str(entry["path"])
+            if not (entry.get("dir") or entry.get("stat")) and "ranges" in entry:
+                [(int(a), int(b)) for a, b in entry["ranges"]]
+            count += 1
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+    return count
 
 
 def warm_manifest(path: Path | None = None, reader: Reader | None = None) -> int:
-    """Queue every file (range) of the manifest for warming into the page cache, once per
-    process, in recorded order, on the shared reader (ahead of weight reads queued later; the
-    worker threads open the files, so this returns at once); returns the files queued. Missing
-    files, another environment's manifest or a broken manifest: nothing (never raises)."""
-    global _MANIFEST_READER
+    """Start warming every entry of the manifest into the page cache (file contents, ``stat``
+    inodes, directory listings), once per process, in recorded order; returns the entries
+    started. Never raises: missing files, another environment's manifest or a broken manifest
+    give nothing.
+
+    Where: with ``reader``, on its threads (queued ahead of anything queued later). Otherwise,
+    by default (``WARM_PROCESS``; ``MUSETALK_WARM_PROCESS=0`` turns it off), in a helper process
+    (``python -I -S fastio.py --warm MANIFEST``, standard library only): its reads then never
+    compete with this process's imports for the GIL (thousands of small reads would hand it over
+    tens of thousands of times), and queueing costs this process one spawn instead of one task
+    per entry. When the helper cannot be started: on the shared reader's threads."""
+    global _MANIFEST_READER, _WARM_PROC
     path = path or manifest_path()
     with _LOCK:
         if _WARMED or path is None:
@@ -595,24 +636,53 @@ def warm_manifest(path: Path | None = None, reader: Reader | None = None) -> int
             files = list(data["files"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return 0
+        if reader is None and WARM_PROCESS and sys.executable:
+            try:
+                _WARM_PROC = subprocess.Popen(
+                    [sys.executable, "-I", "-S", os.path.abspath(__file__), "--warm", str(path),
+                     str(IO_WORKERS), str(CHUNK_BYTES)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+                )
+                count = _well_formed(files)
+                _WARMED.append(count)
+                return count
+            except OSError:
+                _WARM_PROC = None
         if _MANIFEST_READER is None:
             # the shared reader by default: its queue is FIFO, so these (needed first, by the
             # imports) go ahead of the weight chunks queued after them
             _MANIFEST_READER = reader or _shared_reader_locked()
-        count = 0
-        for entry in files:
-            try:
-                if entry.get("dir") or entry.get("stat"):
-                    _MANIFEST_READER.warm_meta(str(entry["path"]), "dir" if entry.get("dir") else "stat")
-                    count += 1
-                    continue
-                ranges = [(int(a), int(b)) for a, b in entry["ranges"]] if "ranges" in entry else None
-                _MANIFEST_READER.warm_pieces(str(entry["path"]), ranges)
-                count += 1
-            except (KeyError, TypeError, ValueError):
-                continue
+        count = _queue_entries(files, _MANIFEST_READER)
         _WARMED.append(count)
         return count
+
+
+def wait_warmed(timeout: float | None = None) -> int | None:
+    """Wait for the warming helper process (if one was started); its exit code, else ``None``."""
+    proc = _WARM_PROC
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _warm_main(argv: Sequence[str]) -> int:
+    """The helper process: ``--warm MANIFEST WORKERS CHUNK_BYTES``; warms every entry, in order."""
+    if len(argv) != 4 or argv[0] != "--warm":
+        print("usage: fastio.py --warm MANIFEST WORKERS CHUNK_BYTES", file=sys.stderr)
+        return 2
+    try:
+        files = list(json.loads(Path(argv[1]).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+    reader = Reader(workers=int(argv[2]), chunk_bytes=int(argv[3]))
+    try:
+        _queue_entries(files, reader)
+    finally:
+        reader.shutdown(wait=True)
+    return 0
 
 
 # Files opened through Python (``open``/``os.open``/``io.open_code``: .pyc, dist-info METADATA
@@ -706,3 +776,7 @@ def throughput(paths: Iterable[Path | str], workers: int, chunk_bytes: int | Non
             reader.shutdown(wait=True)
     seconds = time.perf_counter() - t0
     return {"bytes": total, "seconds": round(seconds, 3), "gb_per_s": round(total / 1e9 / seconds, 3) if seconds > 0 else 0.0}
+
+
+if __name__ == "__main__":  # the warming helper process (``warm_manifest``)
+    sys.exit(_warm_main(sys.argv[1:]))
