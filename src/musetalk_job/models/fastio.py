@@ -628,7 +628,8 @@ def warm_manifest(path: Path | None = None, reader: Reader | None = None) -> int
             files = list(data["files"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return 0
-        if reader is None and WARM_PROCESS and sys.executable:
+        # only where sys.executable is a Python interpreter (not an embedding host)
+        if reader is None and WARM_PROCESS and os.path.basename(sys.executable or "").startswith("python"):
             try:
                 _WARM_PROC = subprocess.Popen(
                     [sys.executable, "-I", "-S", os.path.abspath(__file__), "--warm", str(path),
