@@ -370,17 +370,21 @@ def _packets(path: Path) -> list[tuple[int, int, bytes]]:
         return [(p.pts, p.dts, bytes(p)) for p in c.demux(video=0) if p.size]
 
 
-def test_writer_output_is_deterministic_at_sizes_not_multiple_of_16(tmp_path):
-    # swscale's padding used to leak into libx264 at 160x120: the same frames gave different files.
+@pytest.mark.parametrize("height", [120, 128])
+def test_writer_output_is_deterministic(tmp_path, height):
+    # swscale's padding used to leak into libx264 at 160x120, and libx264's AVX-512 kernels made
+    # the same frames give different files on AVX-512 CPUs (media.x264_cpu_options).
     rng = np.random.default_rng(3)
-    frames = rng.integers(0, 256, (10, 120, 160, 3), dtype=np.uint8)
-    runs = []
-    for k in range(5):
-        out = tmp_path / f"d{k}.mp4"
-        with media.VideoWriter(out, width=160, height=120, fps=25, workers=1) as w:
-            w.write(frames)
-        runs.append(_packets(out))
-    assert all(r == runs[0] for r in runs[1:])
+    frames = rng.integers(0, 256, (10, height, 160, 3), dtype=np.uint8)
+    for kw in ({"workers": 1}, {"workers": 2, "segment_frames": 4}):
+        runs = []
+        for k in range(5):
+            out = tmp_path / f"d{k}.mp4"
+            with media.VideoWriter(out, width=160, height=height, fps=25, **kw) as w:
+                w.write(frames)
+            runs.append(_packets(out))
+        assert len(runs[0]) == 10
+        assert all(r == runs[0] for r in runs[1:]), kw
 
 
 def test_segmented_writer_equals_one_stream_losslessly_with_audio(speech, tmp_path):
@@ -412,29 +416,55 @@ def test_segmented_writer_uses_one_idr_per_segment(tmp_path):
         w.write(_smooth_frames(35, 64, 48))
     with av.open(str(out)) as c:
         stream = c.streams.video[0]
-        keys = [round(p.pts * stream.time_base * 25) for p in c.demux(video=0) if p.size and p.is_keyframe]
+        packets = [p for p in c.demux(video=0) if p.size]
+        keys = [round(p.pts * stream.time_base * 25) for p in packets if p.is_keyframe]
+        pts = [round(p.pts * stream.time_base * 25) for p in packets]
+        dts = [p.dts for p in packets]
     assert keys == [0, 10, 20, 30]
+    # crf 18 `medium` uses B-frames (decode order != display order) and the dts still increase
+    # strictly across the joins, the short last segment (5 frames) included.
+    assert pts != sorted(pts) and sorted(pts) == list(range(35))
+    assert all(a < b for a, b in zip(dts, dts[1:]))
 
 
-def test_i420_input_matches_rgb_input_within_colour_rounding(tmp_path):
+def _decoded_i420(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray() for f in c.decode(video=0)])  # yuv420p as coded
+
+
+@pytest.mark.parametrize("kw", [{"workers": 1}, {"workers": 2, "segment_frames": 5}])
+def test_i420_input_matches_rgb_input_within_colour_rounding(tmp_path, kw):
     torch = pytest.importorskip("torch")
     from musetalk_job.colour import rgb_to_i420
+    from musetalk_job.samples import _astronaut, _face_frame
 
-    frames = _smooth_frames(12, 97, 63)  # odd size: padded to 98x64 on both paths
+    src = _astronaut()
+    frames = np.stack([_face_frame(src, 97, 63, i / 25) for i in range(12)])  # odd: padded to 98x64
     out_rgb, out_yuv = tmp_path / "rgb.mp4", tmp_path / "yuv.mp4"
     with media.VideoWriter(out_rgb, width=97, height=63, fps=25, crf=0, workers=1) as w:
         w.write(frames)
-    with media.VideoWriter(out_yuv, width=97, height=63, fps=25, crf=0, workers=2, segment_frames=5) as w:
-        assert w.accepts_i420
-        i420 = rgb_to_i420(torch.from_numpy(frames)).numpy()
-        assert i420.shape == (12, 96, 98)
+    i420 = rgb_to_i420(torch.from_numpy(frames)).numpy()
+    assert i420.shape == (12, 96, 98)
+    buf = np.empty((1, 96, 98), np.uint8)
+    with media.VideoWriter(out_yuv, width=97, height=63, fps=25, crf=0, **kw) as w:
+        assert w.accepts_i420 and w.workers == kw["workers"]
         w.write_i420(i420[:7])
-        i420[:7] = 0  # the writer owns what it queued: reusing the buffer changes nothing
-        w.write_i420(i420[7:])
+        for frame in i420[7:]:
+            buf[0] = frame
+            w.write_i420(buf)
+            buf[0] = 0  # the writer owns what it queued: reusing the buffer changes nothing
+    # crf 0 keeps the YUV exactly: the coded planes differ only by rgb_to_i420 vs swscale
+    # rounding (<= 1 level, tests/test_colour.py).
+    ya, yb = _decoded_i420(out_rgb), _decoded_i420(out_yuv)
+    assert ya.shape == yb.shape == (12, 96, 98)
+    dy = np.abs(ya.astype(np.int16) - yb.astype(np.int16))
+    assert dy.max() <= 1 and dy.mean() < 0.1, (dy.max(), dy.mean())
     a, b = media.read_frames(out_rgb).frames, media.read_frames(out_yuv).frames
     assert a.shape == b.shape == (12, 64, 98, 3)  # H.264 pads odd sizes by one repeated row/column
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-    assert d.mean() < 1.0 and d.max() <= 12
+    assert d.mean() < 0.5 and d.max() <= 4, (d.max(), d.mean())
 
 
 def test_write_i420_errors(tmp_path):
@@ -476,3 +506,52 @@ def test_encoder_workers_default_and_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSETALK_ENCODER_WORKERS", "many")
     with pytest.raises(Exception, match="MUSETALK_ENCODER_WORKERS"):
         media.VideoWriter(tmp_path / "f.mp4", width=64, height=48, fps=25)
+
+
+class _MismatchedSegments(media.VideoWriter):
+    """A writer whose segment encoders use another preset than the stream: different SPS/PPS."""
+
+    def _segment_context(self):
+        preset, self._preset = self._preset, "ultrafast"
+        try:
+            return super()._segment_context()
+        finally:
+            self._preset = preset
+
+
+def test_segment_headers_must_match_the_stream_or_the_job_fails(tmp_path):
+    out = tmp_path / "mismatch.mp4"
+    w = _MismatchedSegments(out, width=64, height=48, fps=25, workers=2, segment_frames=4)
+    w.write(_smooth_frames(8, 64, 48))  # two segments handed to the workers
+    with pytest.raises(EngineRuntimeError, match="SPS/PPS"):
+        for _ in range(50):  # the next write after the failure raises; close() at the latest
+            w.write(_smooth_frames(4, 64, 48))
+        w.close()
+    w.abort()
+    assert not out.exists()
+    with pytest.raises(EngineRuntimeError, match="after close"):
+        w.write(_smooth_frames(1, 64, 48))
+
+
+_AVX512_CPU = "processor\t: 0\nflags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 abm avx fma avx2 bmi1 bmi2 clflush avx512f avx512bw\n"
+
+
+def test_x264_cpu_options_drop_only_avx512(monkeypatch):
+    monkeypatch.delenv("MUSETALK_X264_AVX512", raising=False)
+    opts = media.x264_cpu_options(_AVX512_CPU)
+    names = opts["x264-params"].removeprefix("asm=").split(",")
+    assert "AVX512" not in names and {"AVX2", "FMA3", "BMI2", "SSE4.2", "LZCNT"} <= set(names)
+    # a CPU without AVX-512 (or a non-x86 one) keeps x264's own detection
+    assert media.x264_cpu_options(_AVX512_CPU.replace(" avx512f avx512bw", "")) == {}
+    assert media.x264_cpu_options("processor : 0\nFeatures : fp asimd\n") == {}
+    # only levels the CPU has: no AVX2 without avx2
+    no_avx2 = media.x264_cpu_options(_AVX512_CPU.replace(" avx2", ""))["x264-params"]
+    assert "AVX2" not in no_avx2 and "AVX," in no_avx2
+    monkeypatch.setenv("MUSETALK_X264_AVX512", "1")
+    assert media.x264_cpu_options(_AVX512_CPU) == {}
+
+
+def test_x264_options_open_on_this_machine():
+    # whatever this CPU gets, libx264 accepts it (an x264 that rejected the list would get ())
+    expected = media.x264_cpu_options()
+    assert dict(media._x264_options()) == expected

@@ -799,6 +799,37 @@ def test_warm_manifest_replays_old_and_meta_entries(tmp_path: Path, monkeypatch)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
+def test_warm_helper_exits_with_its_parent(tmp_path: Path) -> None:
+    """A warming helper whose process is gone stops (it would otherwise warm files into the page
+    cache of whatever runs next, e.g. the next cold-start measurement)."""
+    import json
+
+    from musetalk_job.models import fastio
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(4 << 20))
+    manifest = tmp_path / "warm.json"
+    manifest.write_text(json.dumps({"env": "any", "files": [{"path": str(big)}] * 50000}))  # 200 GB of reads: minutes
+    code = ("import subprocess, sys; q = subprocess.Popen([sys.executable, '-I', '-S', sys.argv[1], '--warm', "
+            "sys.argv[2], '1', '65536']); print(q.pid, flush=True)")
+    parent = subprocess.run([sys.executable, "-c", code, fastio.__file__, str(manifest)], capture_output=True,
+                            text=True, check=True)
+    pid = int(parent.stdout.split()[0])
+    deadline = time.monotonic() + 3
+    state = "R"
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            state = "gone"
+        if state in ("Z", "X", "gone"):
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, 9)
+    assert state in ("Z", "X", "gone"), state
+
+
 def test_thread_counters_see_cpu_and_reads(tmp_path: Path) -> None:
     from musetalk_job.models import fastio
 

@@ -17,7 +17,12 @@ Contract
 - ``VideoWriter``: H.264 (``h264_nvenc`` when an NVIDIA encoder really opens, else libx264)
   yuv420p CRF 18 ``+faststart``, or lossless ``ffv1`` / ``h264-lossless`` for exact
   comparisons; AAC audio re-encoded from the decoded source; encoding and colour conversion
-  run in a background thread behind a bounded queue; the video is encoded exactly once.
+  run in background threads behind a bounded queue; the video is encoded exactly once.
+  ``write(rgb)`` takes RGB; ``write_i420(i420)`` (when ``accepts_i420``: H.264) takes frames
+  already converted by ``colour.rgb_to_i420``. libx264 may encode consecutive segments in
+  parallel (``workers``, ``segment_frames``; one IDR per segment, packets joined in order into
+  one stream without re-encoding). The same frames give the same bytes on every run
+  (``x264_cpu_options``).
 - ``encoders_available() -> dict[str, bool]``.
 
 PyAV (``av``) does all decoding and encoding in-process; no ffmpeg subprocess, no temporary
@@ -447,6 +452,77 @@ def _nvenc_opens(width: int = 256, height: int = 256, options: Optional[dict[str
         return False
 
 
+# x264's CPU feature names (its --asm list), each enabled only when /proc/cpuinfo has every
+# listed flag. AVX-512 is left out on purpose: see x264_cpu_options().
+_X264_ASM = (
+    ("SSE2", ("sse2",)),
+    ("SSE2Fast", ("sse2",)),
+    ("SSE3", ("pni",)),
+    ("SSSE3", ("ssse3",)),
+    ("SSE4.1", ("sse4_1",)),
+    ("SSE4.2", ("sse4_2",)),
+    ("LZCNT", ("abm",)),
+    ("AVX", ("avx",)),
+    ("FMA3", ("avx", "fma")),
+    ("AVX2", ("avx", "fma", "avx2")),
+    ("BMI1", ("bmi1",)),
+    ("BMI2", ("bmi1", "bmi2")),
+    ("Cache64", ("clflush",)),
+)
+
+
+def x264_cpu_options(cpuinfo: Optional[str] = None) -> dict[str, str]:
+    """libx264 options that keep its output reproducible on this CPU: ``{}`` or ``{"x264-params":
+    "asm=..."}`` (every SIMD level the CPU has, AVX-512 excluded).
+
+    On CPUs with AVX-512, libx264's AVX-512 kernels make the same frames encode to different
+    bytes from run to run (measured: 8 of 80 encodes of the same 4 frames differed; 0 of 80 with
+    the same CPU limited to AVX2; 720p ``medium`` speed and size unchanged). ``cpuinfo`` is the
+    text of ``/proc/cpuinfo`` (read when not given); on other systems, or a CPU without
+    AVX-512, x264 keeps its own detection. ``MUSETALK_X264_AVX512=1`` keeps AVX-512.
+    """
+    if os.environ.get("MUSETALK_X264_AVX512", "").strip().lower() in ("1", "true", "yes", "on"):
+        return {}
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return {}
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            break
+    if "avx512f" not in flags:
+        return {}
+    names = [name for name, need in _X264_ASM if all(f in flags for f in need)]
+    if not names:
+        return {}
+    return {"x264-params": "asm=" + ",".join(["MMX2", "SSE"] + names)}
+
+
+@functools.lru_cache(maxsize=1)
+def _x264_options() -> tuple[tuple[str, str], ...]:
+    """``x264_cpu_options()`` once per process, kept only if libx264 opens with them."""
+    options = x264_cpu_options()
+    if not options:
+        return ()
+    try:
+        ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height, ctx.pix_fmt = 64, 64, "yuv420p"
+        ctx.time_base, ctx.framerate = Fraction(1, 25), Fraction(25)
+        ctx.options = {"preset": "medium", **options}
+        ctx.open()
+        frame = av.VideoFrame(64, 64, "yuv420p")
+        frame.pts = 0
+        ctx.encode(frame)
+        ctx.encode(None)
+    except Exception:  # noqa: BLE001 - an x264 that rejects the list: its own CPU detection
+        return ()
+    return tuple(options.items())
+
+
 def _as_rate(fps: float | Fraction) -> Fraction:
     """An exact frame rate: 29.97002997... -> 30000/1001, 25.0 -> 25, 22.7272... -> 250/11."""
     if isinstance(fps, Fraction):
@@ -461,6 +537,9 @@ def _as_rate(fps: float | Fraction) -> Fraction:
 
 
 _STOP = object()
+
+_X264_OPEN_LOCK = threading.Lock()
+
 # Segment-parallel libx264: each segment starts with an IDR frame. 50 frames (2 s at 25 fps)
 # keeps 8 encoders busy on a 30 s job and bounds the tail (the last segment's encode time). The
 # extra IDRs cost file size at crf 18 against one stream with x264's 250-frame GOP: measured
@@ -488,6 +567,19 @@ class VideoWriter:
 
     H.264 output needs even dimensions: an odd width/height is padded by one pixel that
     repeats the last column/row (no input pixel is lost). Lossless codecs keep odd sizes.
+
+    ``write_i420(frames)`` queues uint8 ``[B, Hp*3//2, Wp]`` I420 frames (``colour.rgb_to_i420``;
+    ``Hp``/``Wp`` the even-padded size); only when ``accepts_i420`` (H.264). Both write methods
+    copy what they queue: the caller may reuse its buffer as soon as they return.
+
+    Segment-parallel libx264 (``workers > 1``; ``None`` = ``MUSETALK_ENCODER_WORKERS`` or
+    ``default_encoder_workers()``): consecutive runs of ``segment_frames`` frames (default
+    ``DEFAULT_SEGMENT_FRAMES``) are each encoded by their own libx264 context (same options,
+    ``cpus // workers`` threads, starting with an IDR) on ``workers`` threads; the mux thread
+    joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
+    differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
+    join. ``write()`` blocks while ``workers + 1`` segments are in flight. NVENC and the lossless
+    codecs always use one stream (``workers == 1``).
     """
 
     def __init__(
@@ -570,7 +662,7 @@ class VideoWriter:
             if use_nvenc:
                 stream.options = nvenc_options
             else:
-                stream.options = {"crf": str(crf), "preset": preset}
+                stream.options = {"crf": str(crf), "preset": preset, **dict(_x264_options())}
             # The RGB->YUV matrix used below, tagged so players decode the colours we meant.
             stream.codec_context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
             stream.codec_context.color_range = 1  # AVCOL_RANGE_MPEG (limited)
@@ -630,6 +722,7 @@ class VideoWriter:
         self._segmented = self.workers > 1
         self._seg_buf: list[tuple[str, np.ndarray]] = []
         self._seg_start = 0
+        self._last_dts: Optional[int] = None
         self._seg_pool: Any = None
         self._seg_slots = threading.Semaphore(self.workers + 1)
         if self._segmented:
@@ -652,6 +745,7 @@ class VideoWriter:
         ``[B, Hp*3//2, Wp]`` (or one ``[Hp*3//2, Wp]``) with ``Hp``/``Wp`` the even-padded size."""
         if self._closed:
             raise EngineRuntimeError(f"output {self.path}: write() after close()/abort()")
+        self._raise_if_failed()  # a failed encoder (any segment worker) surfaces here
         if not self.accepts_i420:
             raise EngineRuntimeError(f"output {self.path}: codec {self.codec} takes RGB frames; use write()")
         arr = np.asarray(frames)
@@ -669,6 +763,7 @@ class VideoWriter:
         """Queue frames ``[B, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB for encoding."""
         if self._closed:
             raise EngineRuntimeError(f"output {self.path}: write() after close()/abort()")
+        self._raise_if_failed()  # a failed encoder (any segment worker) surfaces here
         arr = np.asarray(frames)
         if arr.ndim == 3:
             arr = arr[None]
@@ -729,10 +824,11 @@ class VideoWriter:
         ctx.time_base = 1 / self.rate
         ctx.framerate = self.rate
         ctx.colorspace, ctx.color_range = 6, 1  # as _setup_video tags the stream
-        ctx.options = {"crf": str(self._crf), "preset": self._preset}
+        ctx.options = {"crf": str(self._crf), "preset": self._preset, **dict(_x264_options())}
         ctx.thread_count = self._seg_threads
         ctx.flags = ctx.flags | av.codec.context.Flags.global_header  # SPS/PPS in extradata, as the MP4 stream's
-        ctx.open()
+        with _X264_OPEN_LOCK:
+            ctx.open()
         return ctx
 
     def _encode_segment(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
@@ -749,12 +845,7 @@ class VideoWriter:
             if self._aborted.is_set():
                 return [], 0
         packets.extend(ctx.encode(None))
-        if bytes(ctx.extradata or b"") != self._stream_extradata():
-            # Joining segments without re-encoding needs the same SPS/PPS in every one of them.
-            raise EngineRuntimeError(
-                f"output {self.path}: a segment encoder's SPS/PPS differ from the stream's; "
-                "set MUSETALK_ENCODER_WORKERS=1 to encode in one stream"
-            )
+        self._check_headers(ctx)
         tb = 1 / self.rate
         for p in packets:
             p.pts += start
@@ -762,12 +853,21 @@ class VideoWriter:
             p.time_base = tb
         return packets, len(frames)
 
+    def _check_headers(self, ctx: Any) -> None:
+        # Packets from another encoder than the stream's need the same SPS/PPS as the stream.
+        if bytes(ctx.extradata or b"") != self._stream_extradata():
+            raise EngineRuntimeError(
+                f"output {self.path}: a segment encoder's SPS/PPS differ from the stream's; "
+                "set MUSETALK_ENCODER_WORKERS=1 to encode in one stream"
+            )
+
     def _stream_extradata(self) -> bytes:
         ctx = self._vstream.codec_context
         if not ctx.is_open:
             with self._open_lock:
                 if not ctx.is_open:
-                    ctx.open()
+                    with _X264_OPEN_LOCK:
+                        ctx.open()
         return bytes(ctx.extradata or b"")
 
     def _convert_pool(self) -> Any:
@@ -899,8 +999,19 @@ class VideoWriter:
             self._pump_audio(int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate)))
 
     def _mux_segment(self, packets: list[Any], n: int) -> None:
-        """Mux one encoded segment (packets already re-timed), keeping the audio just ahead."""
+        """Mux one encoded segment (packets already re-timed), keeping the audio just ahead.
+
+        Every segment of 3 frames or more has the same B-frame delay (x264's dts = pts - 2 at
+        `medium`), so the shifted dts continue the previous segment's; a short last segment has
+        less delay, which only leaves a gap. Checked anyway: the muxer needs increasing dts."""
         for packet in packets:
+            if packet.dts is not None:
+                if self._last_dts is not None and packet.dts <= self._last_dts:
+                    raise EngineRuntimeError(
+                        f"output {self.path}: segment join at frame {self.frames_written} gives decreasing "
+                        f"timestamps (dts {packet.dts} after {self._last_dts}); set MUSETALK_ENCODER_WORKERS=1"
+                    )
+                self._last_dts = packet.dts
             packet.stream = self._vstream
             self._container.mux(packet)
         self.frames_written += n

@@ -662,7 +662,8 @@ def wait_warmed(timeout: float | None = None) -> int | None:
 
 
 def _warm_main(argv: Sequence[str]) -> int:
-    """The helper process: ``--warm MANIFEST WORKERS CHUNK_BYTES``; warms every entry, in order."""
+    """The helper process: ``--warm MANIFEST WORKERS CHUNK_BYTES``; warms every entry, in order,
+    and exits early when its parent exits (e.g. a bench run ended before the warming did)."""
     if len(argv) != 4 or argv[0] != "--warm":
         print("usage: fastio.py --warm MANIFEST WORKERS CHUNK_BYTES", file=sys.stderr)
         return 2
@@ -670,6 +671,15 @@ def _warm_main(argv: Sequence[str]) -> int:
         files = list(json.loads(Path(argv[1]).read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1
+    parent = os.getppid()
+
+    def watch_parent() -> None:  # warming for a process that is gone only disturbs the next one
+        while True:
+            time.sleep(0.05)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     reader = Reader(workers=int(argv[2]), chunk_bytes=int(argv[3]))
     try:
         _queue_entries(files, reader)
