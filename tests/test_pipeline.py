@@ -185,6 +185,25 @@ def test_batch_size_and_padding_do_not_change_the_output(pipe, face_video, speec
         assert (diff > 0).mean() < 1e-4
 
 
+def test_device_colour_hand_off_matches_the_writer_conversion(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:
+    """The CUDA default (I420 converted by the engine, colour.rgb_to_i420) against the CPU default
+    (RGB converted by swscale in the writer): same frames within colour rounding, at crf 0."""
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.4)
+    assert pipe.device_colour is False  # CPU default
+    outs = []
+    for dev_colour in (False, True):
+        pipe.device_colour = dev_colour
+        try:
+            r = pipe.run(face_video, short, tmp_path / f"c{int(dev_colour)}.mp4",
+                         EngineOptions(boxes_file=boxes_file, batch_size=4, crf=0))
+        finally:
+            pipe.device_colour = False
+        outs.append(_read(r.output))
+    assert outs[0].shape == outs[1].shape and outs[0].shape[0] == 10
+    diff = np.abs(outs[0].astype(np.int16) - outs[1].astype(np.int16))
+    assert diff.mean() < 0.5 and diff.max() <= 6, (diff.mean(), diff.max())
+
+
 def test_short_audio_analyses_only_the_frames_it_uses(pipe, face_video, speech_wav, frames_in, tmp_path) -> None:
     short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.3)  # 7 output frames < 30 input frames
     result = pipe.run(face_video, short, tmp_path / "o.mp4", EngineOptions(landmarks="cascade", batch_size=3))

@@ -192,8 +192,9 @@ class Pipeline:
         self.compiled = False  # torch.compile active (compiled.maybe_enable_from_env)
         # Encoder hand-off: I420 converted on the device (when the writer takes it) and the writer's
         # parallel segments (None: its own choice from the CPU count). Benchmarks switch them off
-        # to measure the before/after in one run.
-        self.device_colour = True
+        # to measure the before/after in one run. On the CPU, swscale is the faster converter
+        # (720p: 2.6 ms/frame against 43 ms for colour.rgb_to_i420 on 2 cores).
+        self.device_colour = self.device.type == "cuda"
         self.encoder_workers: Optional[int] = None
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
