@@ -36,6 +36,7 @@ import math
 import os
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -288,6 +289,16 @@ def cfr_indices(times: np.ndarray, rate: Fraction | float) -> np.ndarray:
     return np.searchsorted(slots, np.arange(n_out), side="right") - 1
 
 
+_DECODE_AHEAD = 16  # decoded frames waiting for conversion at most
+
+
+@functools.lru_cache(maxsize=1)
+def _DECODE_POOL() -> Any:
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)), thread_name_prefix="yuv2rgb")
+
+
 def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
     """Decode every frame of ``path`` to RGB uint8 at a constant rate (see module doc)."""
     p = _check_file(path)
@@ -311,6 +322,22 @@ def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
         times: list[float] = []
         rotation = 0
         n = 0
+        # YUV->RGB (swscale, which releases the GIL) runs on a few threads beside the decoder's:
+        # one thread converting was most of this function's time (720p: ~2 ms a frame).
+        pool = _DECODE_POOL()
+        pending: deque[Any] = deque()
+
+        def convert(frame: Any, dst: np.ndarray, resize: bool) -> None:
+            if resize:  # a mid-stream size change is scaled to the first size, as ffmpeg does
+                rgb = frame.to_ndarray(format="rgb24", width=first_w, height=first_h, interpolation="BICUBIC")
+            else:
+                rgb = frame.to_ndarray(format="rgb24")
+            dst[...] = np.rot90(rgb, rotation // 90) if rotation else rgb
+
+        def drain(keep: int) -> None:
+            while len(pending) > keep:
+                pending.popleft().result()
+
         try:
             for frame in container.decode(stream):
                 if buf is None:
@@ -319,16 +346,20 @@ def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
                     shape = (first_w, first_h) if rotation in (90, 270) else (first_h, first_w)
                     buf = np.empty((capacity, shape[0], shape[1], 3), dtype=np.uint8)
                 if n == buf.shape[0]:
+                    drain(0)  # nothing may write into the old buffer once it is replaced
                     buf = np.concatenate([buf, np.empty_like(buf)], axis=0)
-                if (frame.width, frame.height) == (first_w, first_h):
-                    rgb = frame.to_ndarray(format="rgb24")
-                else:  # a mid-stream size change is scaled to the first size, as ffmpeg does
-                    rgb = frame.to_ndarray(format="rgb24", width=first_w, height=first_h, interpolation="BICUBIC")
-                buf[n] = np.rot90(rgb, rotation // 90) if rotation else rgb
+                resize = (frame.width, frame.height) != (first_w, first_h)
+                pending.append(pool.submit(convert, frame, buf[n], resize))
+                drain(_DECODE_AHEAD)
                 t = frame.time
                 times.append(float(t) if t is not None else (n / float(rate) if rate else float(n)))
                 n += 1
+            drain(0)
         except av.FFmpegError as exc:
+            try:
+                drain(0)  # the frames decoded before the error are kept: finish converting them
+            except av.FFmpegError as conv:
+                raise InputMediaError(f"{p}: a decoded frame cannot be converted to RGB ({_av_reason(conv)})") from conv
             if n == 0:
                 raise InputMediaError(f"{p}: the video stream cannot be decoded ({_av_reason(exc)})") from exc
             # A damaged tail: keep what decoded, as ffmpeg does.
