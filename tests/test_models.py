@@ -854,3 +854,65 @@ def test_read_throughput_reports_bytes(tiny_models_dir: Path) -> None:
     for workers in (1, 4):
         res = fastio.throughput(files, workers, chunk_bytes=1 << 16)
         assert res["bytes"] == sum(p.stat().st_size for p in files) and res["gb_per_s"] > 0
+
+
+def test_package_map_cache_serves_saves_and_invalidates(tmp_path: Path, monkeypatch) -> None:
+    """diffusers' import-time scan of every installed distribution is served from a saved map,
+    which a distribution added to a sys.path directory invalidates."""
+    import importlib.metadata as md
+
+    from musetalk_job.models import fastio
+
+    fastio.uncache_package_map()  # an earlier test's load may have installed it (another path)
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(tmp_path / "cache" / "warm.json"))
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    original = md.packages_distributions
+    truth = md.packages_distributions()
+    try:
+        assert fastio.cache_package_map()
+        assert md.packages_distributions() == truth
+        saved = tmp_path / "cache" / "package-map.json"
+        assert saved.is_file()
+        got = md.packages_distributions()
+        got.clear()  # callers get copies
+        assert md.packages_distributions() == truth
+
+        # A new process (state reset) reads the saved map: the scan itself is never called.
+        fastio.uncache_package_map()
+        def no_scan():
+            raise AssertionError("scanned although the saved map is current")
+        monkeypatch.setattr(md, "packages_distributions", no_scan)
+        assert fastio.cache_package_map()
+        assert md.packages_distributions() == truth
+
+        # A distribution appears in a sys.path directory: the saved map is stale and rebuilt.
+        fastio.uncache_package_map()
+        monkeypatch.undo()
+        monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(tmp_path / "cache" / "warm.json"))
+        monkeypatch.syspath_prepend(str(site))
+        dist = site / "musetalkfakepkg-1.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: musetalkfakepkg\nVersion: 1.0\n")
+        (dist / "top_level.txt").write_text("musetalkfakepkg\n")
+        assert fastio.cache_package_map()
+        assert md.packages_distributions()["musetalkfakepkg"] == ["musetalkfakepkg"]
+    finally:
+        fastio.uncache_package_map()
+    assert md.packages_distributions is original  # undone
+
+
+def test_package_map_cache_is_off_with_the_warm_manifest(monkeypatch) -> None:
+    import importlib.metadata as md
+
+    from musetalk_job.models import fastio
+
+    fastio.uncache_package_map()
+    original = md.packages_distributions
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
+    assert fastio.package_map_path() is None and not fastio.cache_package_map()
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "/tmp/x/warm.json")
+    monkeypatch.setenv("MUSETALK_PACKAGE_MAP", "0")
+    assert not fastio.cache_package_map()
+    assert md.packages_distributions is original

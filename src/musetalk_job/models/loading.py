@@ -296,6 +296,7 @@ class _CudaWarmup:
 
 
 def _import_diffusers() -> tuple[Any, Any]:
+    fastio.cache_package_map()  # diffusers scans every installed distribution while importing
     try:  # the submodules only (the top-level package resolves them lazily anyway)
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
