@@ -302,6 +302,16 @@ def _log(msg: str) -> None:
     print(f"cold_start: {msg}", file=sys.stderr, flush=True)
 
 
+def _torch_has_pyc() -> bool:
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.origin:
+        return False
+    cache = Path(spec.origin).parent / "__pycache__"
+    return cache.is_dir() and any(cache.glob("__init__.*.pyc"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", type=Path, required=True)
@@ -348,7 +358,16 @@ def main() -> int:
         "version": args.version,
         "landmarks": args.landmarks,
         "random_weights": None,
+        # Without bytecode caches every process compiles the sources it imports: 4.7 s of
+        # `compile()` inside `import diffusers` alone on the H200 VM, whose image sets
+        # PYTHONDONTWRITEBYTECODE=1 and ships torch without .pyc (run 14). The image this
+        # project builds compiles them at build time (Dockerfile).
+        "dont_write_bytecode": bool(sys.dont_write_bytecode),
+        "torch_has_pyc": _torch_has_pyc(),
     }
+    if result["dont_write_bytecode"] or not result["torch_has_pyc"]:
+        _log("warning: no bytecode caches (PYTHONDONTWRITEBYTECODE set or torch has no .pyc): every run "
+             "compiles the Python sources it imports; unset PYTHONDONTWRITEBYTECODE or run compileall first")
     if args.write_random and not (models_dir / layout.UNET[args.version][0]).is_file():
         from musetalk_job.models.random_weights import write_random_weights
 
