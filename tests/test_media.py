@@ -130,6 +130,23 @@ def test_read_frames_cfr_equals_ffmpeg(clips):
     np.testing.assert_array_equal(got.frames, _ffmpeg_rgb(clips["cfr"], 160, 120))
 
 
+def test_read_frames_grows_its_buffer_while_conversions_are_in_flight(clips, monkeypatch):
+    # No frame count and no duration: the buffer starts at 16 frames and doubles twice while the
+    # conversion pool is still writing rows (the old buffer is drained before it is replaced).
+    monkeypatch.setattr(media, "_stream_duration", lambda *a: None)
+    out = clips["cfr"].with_name("long.mkv")
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, (45, 48, 64, 3), dtype=np.uint8)
+    with media.VideoWriter(out, width=64, height=48, fps=25, codec="ffv1") as w:
+        w.write(frames)
+    import av
+
+    with av.open(str(out)) as c:
+        assert not c.streams.video[0].frames  # Matroska stores no frame count
+    got = media.read_frames(out).frames
+    np.testing.assert_array_equal(got, frames)
+
+
 def test_read_frames_honours_rotation(clips):
     plain = media.read_frames(clips["cfr"]).frames
     rotated = media.read_frames(clips["rotated"]).frames
