@@ -569,11 +569,9 @@ def _as_rate(fps: float | Fraction) -> Fraction:
 
 _STOP = object()
 
-_X264_OPEN_LOCK = threading.Lock()
-
 # Segment-parallel libx264: each segment starts with an IDR frame. 50 frames (2 s at 25 fps)
-# keeps 8 encoders busy on a 30 s job and bounds the tail (the last segment's encode time). The
-# extra IDRs cost file size at crf 18 against one stream with x264's 250-frame GOP: measured
+# keep every encoder busy on a 30 s job (15 segments) and bound the tail (the last segment's
+# encode time). The extra IDRs cost file size at crf 18 against one stream with x264's 250-frame GOP: measured
 # +16 % with 50-frame and +6 % with 125-frame segments (250 frames of the 720p sample face video,
 # preset medium; bench/README.md, "Encoder"). Pass segment_frames to trade speed for size.
 DEFAULT_SEGMENT_FRAMES = 50
@@ -693,7 +691,7 @@ class VideoWriter:
             if use_nvenc:
                 stream.options = nvenc_options
             else:
-                stream.options = {"crf": str(crf), "preset": preset, **dict(_x264_options())}
+                stream.options = self._libx264_options()
             # The RGB->YUV matrix used below, tagged so players decode the colours we meant.
             stream.codec_context.colorspace = 6  # AVCOL_SPC_SMPTE170M (BT.601)
             stream.codec_context.color_range = 1  # AVCOL_RANGE_MPEG (limited)
@@ -848,6 +846,10 @@ class VideoWriter:
             except queue.Full:
                 self._raise_if_failed()
 
+    def _libx264_options(self) -> dict[str, str]:
+        """The stream's libx264 options; segment encoders use the same (their SPS/PPS must match)."""
+        return {"crf": str(self._crf), "preset": self._preset, **dict(_x264_options())}
+
     def _segment_context(self) -> Any:
         ctx = av.CodecContext.create("libx264", "w")
         ctx.width, ctx.height = self.width + self._pad_w, self.height + self._pad_h
@@ -855,11 +857,10 @@ class VideoWriter:
         ctx.time_base = 1 / self.rate
         ctx.framerate = self.rate
         ctx.colorspace, ctx.color_range = 6, 1  # as _setup_video tags the stream
-        ctx.options = {"crf": str(self._crf), "preset": self._preset, **dict(_x264_options())}
+        ctx.options = self._libx264_options()
         ctx.thread_count = self._seg_threads
         ctx.flags = ctx.flags | av.codec.context.Flags.global_header  # SPS/PPS in extradata, as the MP4 stream's
-        with _X264_OPEN_LOCK:
-            ctx.open()
+        ctx.open()
         return ctx
 
     def _encode_segment(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
@@ -897,8 +898,7 @@ class VideoWriter:
         if not ctx.is_open:
             with self._open_lock:
                 if not ctx.is_open:
-                    with _X264_OPEN_LOCK:
-                        ctx.open()
+                    ctx.open()
         return bytes(ctx.extradata or b"")
 
     def _convert_pool(self) -> Any:
@@ -1008,12 +1008,9 @@ class VideoWriter:
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         if self._pix_fmt == "yuv420p":
             # BT.601 limited range with bicubic chroma filtering: what ffmpeg's
-            # `-vf format=yuv420p` does to the official RGB PNGs. Copied into a fresh frame:
-            # swscale's output buffer has uninitialised padding that libx264 reads at sizes that
-            # are not multiples of 16, which made the output differ from run to run.
+            # `-vf format=yuv420p` does to the official RGB PNGs.
             frame = frame.reformat(format="yuv420p", dst_colorspace="ITU601", dst_color_range="MPEG",
                                    interpolation="BICUBIC")
-            frame = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
         elif self._pix_fmt == "bgr0":
             frame = frame.reformat(format="bgr0")
         return frame
@@ -1025,9 +1022,7 @@ class VideoWriter:
         for packet in self._vstream.encode(frame):
             self._container.mux(packet)
         self.frames_written += 1
-        if self._audio_in is not None:
-            # Keep the audio a little ahead of the video so the muxer interleaves evenly.
-            self._pump_audio(int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate)))
+        self._pump_audio_ahead()
 
     def _mux_segment(self, packets: list[Any], n: int) -> None:
         """Mux one encoded segment (packets already re-timed), keeping the audio just ahead.
@@ -1046,8 +1041,15 @@ class VideoWriter:
             packet.stream = self._vstream
             self._container.mux(packet)
         self.frames_written += n
+        self._pump_audio_ahead()
+
+    def _pump_audio_ahead(self) -> None:
+        """Keep the audio a little ahead of the video written so far, so the muxer interleaves evenly."""
         if self._audio_in is not None:
-            self._pump_audio(int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate)))
+            self._pump_audio(self._audio_samples_through(self.frames_written + 1))
+
+    def _audio_samples_through(self, frames: int) -> int:
+        return int(math.ceil(frames / self.rate * self._audio_rate))
 
     def _pump_audio(self, until: int, *, final: bool = False) -> None:
         """Encode source audio up to sample ``until`` (output rate)."""
@@ -1089,7 +1091,7 @@ class VideoWriter:
         if self._audio_in is not None:
             # The audio may run at most one frame past the video's end (official: no -shortest,
             # and the frame count is floor(audio_s * fps), so the audio is never longer than that).
-            limit = int(math.ceil((self.frames_written + 1) / self.rate * self._audio_rate))
+            limit = self._audio_samples_through(self.frames_written + 1)
             self._pump_audio(limit, final=True)
             for packet in self._astream.encode(None):
                 self._container.mux(packet)

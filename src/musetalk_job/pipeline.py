@@ -43,6 +43,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from . import compiled
 from .errors import Cancelled, EngineRuntimeError, InputMediaError, JobError, SpecError
 from .latents import crop_faces, decode_latents, encode_faces
 from .options import EngineOptions, ProgressFn, Result
@@ -235,8 +236,6 @@ class Pipeline:
             torch.backends.cudnn.allow_tf32 = True
         models = MuseTalkModels.load(Path(models_dir), version=version, device=dev, dtype=dt)
         pipe = cls(models, Path(models_dir))
-        from . import compiled
-
         # Opt-in torch.compile of the UNet and VAE decoder (MUSETALK_COMPILE, docs/compile.md).
         pipe.compiled = compiled.maybe_enable_from_env(models)
         if landmarks is not None:
@@ -258,8 +257,6 @@ class Pipeline:
         m = self.models
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
-        from . import compiled
-
         compiled.ensure_warm(m, batch, decode_chunk=self._chunk(batch), timestep=self._timestep)
         decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample, self._chunk(batch))
         enc = self._encode_batch(batch)
@@ -542,8 +539,6 @@ class Pipeline:
         st = stages or _Stages(self.device)
         total = int(audio.shape[0])
         plan = _Plan.build(prep, total, batch_size, self.device)
-        from . import compiled
-
         # With compile on, the graphs for this batch are built (or loaded from the cache) here,
         # once, not inside the loop; a no-op when compile is off or already warm.
         compile_s = compiled.ensure_warm(self.models, plan.batch, decode_chunk=self._chunk(plan.batch), timestep=self._timestep)
@@ -579,8 +574,6 @@ class Pipeline:
                 batch = plan.batch = max(1, batch // 2)
                 log.warning("out of GPU memory while generating; retrying with batch size %d", batch)
                 if self.compiled:  # compiled graphs pad to their batch: halving needs eager
-                    from . import compiled
-
                     compiled.disable(self.models)
                     self.compiled = False
                     log.warning("torch.compile switched off for this pipeline after running out of memory")
