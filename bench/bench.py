@@ -417,7 +417,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     report["w1"] = runs
     if args.compile:
-        # W1 end to end with torch.compile (MUSETALK_COMPILE's modes), then stop.
+        # Every run below with torch.compile (MUSETALK_COMPILE's modes); eager repeats at the end.
         from musetalk_job import compiled
 
         t = time.perf_counter()
@@ -427,11 +427,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         report["compile_warmup_s"] = round(pipe.warmup(args.batch_size), 2)  # compiles at the job batch
         report["compile_failure"] = compiled.failure(pipe.models)
         save()
-        runs["cold_compiled"] = w1_run(pipe, video, audio, boxes, out_dir, "cc", batch_size=args.batch_size)
-        runs["warm_compiled"] = w1_run(pipe, video, audio, boxes, out_dir, "wc", batch_size=args.batch_size)
-        report["compile_total_s"] = round(time.perf_counter() - t, 2)
-        save()
-        return report
     runs["cold"] = w1_run(pipe, video, audio, boxes, out_dir, "cold", batch_size=args.batch_size)
     save()
     runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
@@ -450,41 +445,46 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             pipe, video, audio, boxes, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
         )
         save()
+    if args.masks_compare and not args.only_cold_warm:
+        # The blend masks made before generating (the previous behaviour) against during it.
+        pipe.overlap_masks = False
+        try:
+            runs["warm_masks_first"] = w1_run(pipe, video, audio, boxes, out_dir, "mf", batch_size=args.batch_size)
+            if args.fast_preset:
+                runs["warm_masks_first_preset_" + args.fast_preset] = w1_run(
+                    pipe, video, audio, boxes, out_dir, "mff", batch_size=args.batch_size, preset=args.fast_preset
+                )
+        finally:
+            pipe.overlap_masks = True
+        save()
     if args.avatar_cache:
         # The same video twice through the avatar cache: the first job builds the entry (miss),
-        # the second reuses boxes, latents and masks (hit).
+        # the second reuses boxes, latents and masks (hit). Once per preset of --cache-presets.
         import tempfile
 
         from musetalk_job.cache import AvatarCache
 
         saved = pipe.avatar_cache
-        with tempfile.TemporaryDirectory(prefix="musetalk-bench-cache-") as root:
-            pipe.avatar_cache = AvatarCache(Path(root))
-            runs["cache_first"] = w1_run(pipe, video, audio, boxes, out_dir, "cache1", batch_size=args.batch_size)
-            runs["cache_repeat"] = w1_run(pipe, video, audio, boxes, out_dir, "cache2", batch_size=args.batch_size)
-            runs["cache_repeat"]["speedup_vs_first"] = round(
-                runs["cache_first"]["wall_s"] / runs["cache_repeat"]["wall_s"], 2
-            )
-            # A first job that really detects its faces (the cascade backend: random DWPose
-            # weights find none), then a repeat that takes everything from the cache.
-            pipe.avatar_cache = AvatarCache(Path(root) / "detect")
-            runs["cache_first_detect"] = w1_run(pipe, video, audio, None, out_dir, "cd1", batch_size=args.batch_size,
-                                                landmarks="cascade")
-            runs["cache_repeat_detect"] = w1_run(pipe, video, audio, None, out_dir, "cd2", batch_size=args.batch_size,
-                                                 landmarks="cascade")
-            runs["cache_repeat_detect"]["speedup_vs_first"] = round(
-                runs["cache_first_detect"]["wall_s"] / runs["cache_repeat_detect"]["wall_s"], 2
-            )
-            # A short job (10 s of speech over the same 10 s video): preprocessing is a larger share.
-            short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
-            pipe.avatar_cache = AvatarCache(Path(root) / "short")
-            runs["short_cache_first"] = w1_run(pipe, video, short, boxes, out_dir, "s1", batch_size=args.batch_size)
-            runs["short_cache_repeat"] = w1_run(pipe, video, short, boxes, out_dir, "s2", batch_size=args.batch_size)
-            runs["short_cache_repeat"]["speedup_vs_first"] = round(
-                runs["short_cache_first"]["wall_s"] / runs["short_cache_repeat"]["wall_s"], 2
-            )
+        for preset in [p for p in args.cache_presets.split(",") if p] or [""]:
+            sfx = f"_{preset}" if preset else ""
+            popts = {"preset": preset} if preset else {}
+
+            def pair(name: str, tag: str, a: Path, b: Optional[Path], **kw: Any) -> None:
+                pipe.avatar_cache = AvatarCache(Path(root) / f"{name}{sfx}")
+                first = runs[f"{name}_first{sfx}"] = w1_run(pipe, video, a, b, out_dir, f"{tag}1", batch_size=args.batch_size, **popts, **kw)
+                rep = runs[f"{name}_repeat{sfx}"] = w1_run(pipe, video, a, b, out_dir, f"{tag}2", batch_size=args.batch_size, **popts, **kw)
+                rep["speedup_vs_first"] = round(first["wall_s"] / rep["wall_s"], 2)
+
+            with tempfile.TemporaryDirectory(prefix="musetalk-bench-cache-") as root:
+                pair("cache", "c", audio, boxes)
+                # A first job that really detects its faces (the cascade backend: random DWPose
+                # weights find none), then a repeat that takes everything from the cache.
+                pair("cache_detect", "cd", audio, None, landmarks="cascade")
+                # A short job (10 s of speech over the same 10 s video): preprocessing is a larger share.
+                short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
+                pair("short_cache", "s", short, boxes)
+            save()
         pipe.avatar_cache = saved
-        save()
     if args.memory_batches:
         # Peak device memory and speed per batch size on a 10 s job (250 output frames).
         short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
@@ -506,6 +506,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if cuda and "ceilings" in report:
         report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
     save()
+    if args.compile and args.eager_compare:
+        # The same build eager, in the same process: the compile before/after from one run.
+        from musetalk_job import compiled
+
+        compiled.disable(pipe.models)
+        pipe.compiled = False
+        runs["warm_eager"] = w1_run(pipe, video, audio, boxes, out_dir, "eager", batch_size=args.batch_size)
+        if args.fast_preset:
+            runs["warm_eager_preset_" + args.fast_preset] = w1_run(
+                pipe, video, audio, boxes, out_dir, "eagerf", batch_size=args.batch_size, preset=args.fast_preset
+            )
+        report["micro_eager"] = micro(pipe, batch)
+        save()
     frames = read_frames(video).frames
     if args.encoder_micro:
         report["encoder"] = encoder_micro(frames if cuda else frames[:20], out_dir)
@@ -543,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-batches", type=int, nargs="*", default=[8, 16, 32, 64],
                    help="peak GPU memory and speed of a 10 s job at each batch size ('' to skip)")
     p.add_argument("--baseline", type=int, default=1, help="also run W1 with the old encoder hand-off (1/0)")
-    p.add_argument("--compile", default="", help="regional|full: only W1 cold+warm with torch.compile")
+    p.add_argument("--compile", default="", help="regional|full: every run with torch.compile")
+    p.add_argument("--eager-compare", type=int, default=1, help="with --compile: also W1 warm and micro eager at the end (1/0)")
+    p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
+    p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")
     p.add_argument("--only-cold-warm", action="store_true", help="skip the preset/channels-last extra runs")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])

@@ -7,6 +7,9 @@ padding, paste, bicubic resize, the uint8 OpenCV blur, PIL's masked paste).
 
 from __future__ import annotations
 
+import threading
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from PIL import Image
 
 from musetalk_job.blending import (
     BlendMask,
+    MaskStream,
     apply_extra_margin,
     blend_pil,
     blur_kernel,
@@ -302,3 +306,57 @@ def test_mask_device_cache_and_upload():
     assert a.to("cpu").tolist() == [[1, 2], [3, 4]] and b.to("cpu").tolist() == [[7, 8, 9]]
     # one buffer holds both
     assert a.to("cpu").untyped_storage().data_ptr() == b.to("cpu").untyped_storage().data_ptr()
+
+
+# --- masks made while the job generates -----------------------------------------------------
+
+
+def test_prepare_masks_streams_each_chunk_once_final():
+    frames, boxes = _scene()
+    parser = ColourParser().eval()
+    calls: list[dict] = []
+    final = prepare_masks(frames, boxes, parser, mode="jaw", device="cpu", batch_size=2, on_ready=calls.append)
+    # First the frames that get no mask, then one call per parser chunk, in order.
+    assert list(calls[0]) == [2] and calls[0][2] is None
+    assert [sorted(c) for c in calls[1:]] == [[0, 1], [3]]
+    for c in calls[1:]:
+        for i, m in c.items():
+            assert m is final[i] and m._on_device, "a published mask must already be on the device"
+    stream = MaskStream(len(frames))
+    for c in calls:
+        stream.publish(c)
+    assert stream.done and stream.wait_all() == final
+
+
+def test_prepare_masks_stops_when_asked():
+    frames, boxes = _scene()
+    stop = threading.Event()
+    calls: list[dict] = []
+
+    def on_ready(items: dict) -> None:
+        calls.append(items)
+        if len(calls) == 2:  # after the first chunk
+            stop.set()
+
+    out = prepare_masks(frames, boxes, ColourParser().eval(), device="cpu", batch_size=2, on_ready=on_ready, stop=stop)
+    assert len(calls) == 2 and out[3] is None  # the second chunk (frame 3) was never made
+
+
+def test_mask_stream_readers_wait_for_their_mask_and_see_the_producer_error():
+    stream = MaskStream(3)
+    mask = BlendMask((0, 0, 2, 2), np.full((2, 2), 9, np.uint8))
+    got: list = []
+    reader = threading.Thread(target=lambda: got.append(stream[1]))
+    reader.start()
+    time.sleep(0.2)
+    assert reader.is_alive() and not got, "the reader must wait until mask 1 is published"
+    stream.publish({0: None, 1: mask})
+    reader.join(5)
+    assert got == [mask] and stream.waited_s >= 0.15
+    assert stream[0] is None and stream[-2] is mask and not stream.done
+    stream.fail(RuntimeError("parser exploded"))
+    with pytest.raises(RuntimeError, match="parser exploded"):
+        stream[2]
+    assert stream[1] is mask  # what was published stays readable
+    stream.close()
+    assert stream.stop.is_set()

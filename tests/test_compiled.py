@@ -149,6 +149,35 @@ def test_frozen_shapes_pad_or_run_eagerly(models: Any, mode: str) -> None:
     assert all(getattr(mod, "_compiled_call_impl", None) is None for mod in models.vae.modules())
 
 
+def test_regional_encoder_frozen_shapes_pad_or_run_eagerly(models: Any) -> None:
+    from musetalk_job.latents import encode_faces
+
+    g = torch.Generator().manual_seed(3)
+    crops = torch.randint(0, 256, (5, 256, 256, 3), generator=g, dtype=torch.uint8)
+    ref2 = encode_faces(models.vae, crops[:2], 2)  # one call of 4 images (masked + full)
+    ref1 = encode_faces(models.vae, crops[:1], 1)
+    ref5 = encode_faces(models.vae, crops, 5)
+    assert compiled.enable(models, "regional", backend="eager")
+    enc_blocks = [b for b in compiled._state(models.vae).compiled_modules if any(b is m for m in models.vae.encoder.modules())]
+    assert {type(b).__name__ for b in enc_blocks} >= {"ResnetBlock2D", "Downsample2D"}
+    compiled.ensure_warm(models, 4, decode_chunk=2, encode_batch=4)
+    assert compiled._state(models.vae).encode_batches == {4}
+    graphs = _graphs()
+    assert compiled.ensure_warm(models, 4, decode_chunk=2, encode_batch=4) == 0.0
+    torch.testing.assert_close(encode_faces(models.vae, crops[:2], 2), ref2, rtol=1e-5, atol=1e-5)
+    # 2 images padded to the compiled 4, the padding sliced off again.
+    torch.testing.assert_close(encode_faces(models.vae, crops[:1], 1), ref1, rtol=1e-5, atol=1e-5)
+    # 10 images: larger than anything compiled → eager.
+    torch.testing.assert_close(encode_faces(models.vae, crops, 5), ref5, rtol=1e-5, atol=1e-5)
+    assert _graphs() == graphs, "a frozen encoder compiled a new shape"
+    # A new encode batch warms that shape (and keeps the old one).
+    compiled.ensure_warm(models, 4, decode_chunk=2, encode_batch=10)
+    assert compiled._state(models.vae).encode_batches == {4, 10}
+    torch.testing.assert_close(encode_faces(models.vae, crops, 5), ref5, rtol=1e-5, atol=1e-5)
+    compiled.disable(models)
+    assert "encode" not in models.vae.__dict__
+
+
 def test_lazy_compile_failure_reruns_eagerly_with_one_warning(models: Any, caplog: pytest.LogCaptureFixture) -> None:
     def broken_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         raise RuntimeError("simulated inductor failure")

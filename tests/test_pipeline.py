@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import threading
+import time
 import wave
 from dataclasses import replace
 from pathlib import Path
@@ -264,6 +265,83 @@ def test_cancel_between_batches(pipe, face_video, speech_wav, boxes_file, tmp_pa
     with pytest.raises(Cancelled):
         pipe.run(face_video, speech_wav, out, EngineOptions(boxes_file=boxes_file, batch_size=2), progress=progress, cancel=cancel)
     assert seen == [2]  # stopped right after the first batch
+
+
+class _ExplodingParser(torch.nn.Module):
+    """The real parser for its first ``good`` calls, then an error (a mask thread failing mid-job)."""
+
+    def __init__(self, inner: torch.nn.Module, good: int) -> None:
+        super().__init__()
+        self.inner, self.good, self.calls = inner, good, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > self.good:
+            raise RuntimeError("parser exploded")
+        return self.inner(x)
+
+
+def test_a_failing_mask_thread_fails_the_job_cleanly(pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch) -> None:
+    from musetalk_job.errors import EngineRuntimeError
+
+    parser = _ExplodingParser(pipe.models.bisenet, good=1)
+    monkeypatch.setattr(pipe.models, "bisenet", parser)
+    out = tmp_path / "o.mp4"
+    with pytest.raises(EngineRuntimeError, match=r"blend masks \(face parsing\) failed: RuntimeError: parser exploded"):
+        pipe.run(face_video, speech_wav, out, EngineOptions(boxes_file=boxes_file, batch_size=2))
+    assert parser.calls == 2
+    assert not out.exists(), "a failed job must not leave a partial output"
+
+
+def test_masks_overlap_generation_and_stop_with_a_cancelled_job(pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch) -> None:
+    """The generate loop starts before every mask exists, and a job that ends early stops the mask thread."""
+    from musetalk_job.blending import MaskStream
+
+    release = threading.Event()
+    real = pipe.models.bisenet
+
+    class SlowParser(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.calls = real, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls > 1:
+                release.wait(10)  # later chunks wait until the test has seen a generated batch
+            return self.inner(x)
+
+    parser = SlowParser()
+    monkeypatch.setattr(pipe.models, "bisenet", parser)
+    seen: dict = {}
+    cancel = threading.Event()
+    made: list = []
+    real_prepare = pipe.prepare_video
+
+    def prepare(*a, **k):
+        prep = real_prepare(*a, **k)
+        made.append(prep)
+        return prep
+
+    monkeypatch.setattr(pipe, "prepare_video", prepare)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "generate" and "first" not in seen:
+            seen["first"] = done
+            seen["masks_done_then"] = made[0].masks.done
+            cancel.set()
+            release.set()
+
+    with pytest.raises(Cancelled):
+        pipe.run(face_video, speech_wav, tmp_path / "o.mp4", EngineOptions(boxes_file=boxes_file, batch_size=2),
+                 progress=progress, cancel=cancel)
+    assert seen["first"] == 2 and seen["masks_done_then"] is False  # generated while masks were still being made
+    stream = made[0].masks
+    assert isinstance(stream, MaskStream) and stream.stop.is_set()
+    calls = parser.calls
+    time.sleep(0.5)
+    assert parser.calls <= calls + 1, "the mask thread kept parsing after the job ended"
+    assert not stream.done
 
 
 def test_avatar_cache_hit_reuses_preparation_and_gives_the_same_video(

@@ -11,6 +11,12 @@ Contract
 - ``prepare_masks(frames, boxes, bisenet, ...) -> list[BlendMask | None]``: the final
   blurred alpha of every input frame, restricted to its face box. Computed once per
   distinct input frame (the official code recomputes it for every output frame).
+  ``on_ready({index: mask})`` is called as each chunk of masks is final (and on the device);
+  ``stop`` (an Event) ends the work early.
+- ``MaskStream(n)``: the masks of a job while a background thread still makes them: a read-only
+  sequence whose ``stream[i]`` waits until mask ``i`` is published (``publish``), re-raises the
+  producer's error (``fail``), and records the seconds readers waited (``waited_s``). The engine
+  composites the first batches while later masks are still being made.
 - ``composite(frames, faces, masks)``: the generated 256x256 faces resized to their boxes
   and alpha-blended into the frames with PIL's exact rounding, on the tensors' device.
 
@@ -31,9 +37,11 @@ float bilinear + rounding on the device, where OpenCV uses 11-bit fixed point: a
 from __future__ import annotations
 
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -85,7 +93,8 @@ def _device_key(device: torch.device | str) -> str:
 
 def upload_masks(masks: Sequence[Optional[BlendMask]], device: torch.device | str) -> None:
     """Copy every mask's alpha to ``device`` in one transfer (one pinned buffer, one copy),
-    so that ``composite`` never waits on a host-to-device copy."""
+    so that ``composite`` never waits on a host-to-device copy. On CUDA the copy is ordered on
+    the current stream; a caller on a side stream synchronises it before handing masks over."""
     key = _device_key(device)
     todo = [m for m in masks if m is not None and key not in m._on_device]
     if not todo:
@@ -99,6 +108,72 @@ def upload_masks(masks: Sequence[Optional[BlendMask]], device: torch.device | st
         n = m.alpha.size
         m._on_device[key] = on_device[offset : offset + n].view(m.alpha.shape)
         offset += n
+
+
+class MaskStream(Sequence[Optional[BlendMask]]):
+    """The ``n`` masks of a job, readable while a producer thread is still making them.
+
+    ``stream[i]`` blocks until mask ``i`` has been published, then returns it (``None`` = no
+    face); if the producer failed first, it raises the producer's exception. ``close()`` tells the
+    producer to stop (its ``stop`` event) — the engine calls it when a job ends early.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._items: list[Optional[BlendMask]] = [None] * n
+        self._ready = [False] * n
+        self._missing = n
+        self._error: Optional[BaseException] = None
+        self._cond = threading.Condition()
+        self.stop = threading.Event()
+        self.waited_s = 0.0
+
+    def publish(self, items: dict[int, Optional[BlendMask]]) -> None:
+        with self._cond:
+            for i, m in items.items():
+                if not self._ready[i]:
+                    self._missing -= 1
+                self._items[i] = m
+                self._ready[i] = True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.stop.set()
+
+    @property
+    def done(self) -> bool:
+        with self._cond:
+            return self._missing == 0
+
+    def wait_all(self) -> list[Optional[BlendMask]]:
+        """Every mask, once all are published (raises the producer's error)."""
+        return [self[i] for i in range(len(self))]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> Optional[BlendMask]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
+        if i < 0:
+            i += len(self._items)
+        with self._cond:
+            if not self._ready[i]:
+                t = time.perf_counter()
+                while not self._ready[i] and self._error is None:
+                    self._cond.wait(timeout=1.0)
+                self.waited_s += time.perf_counter() - t
+            if not self._ready[i]:
+                assert self._error is not None
+                raise self._error
+            return self._items[i]
+
+    def __iter__(self) -> Iterator[Optional[BlendMask]]:
+        return (self[i] for i in range(len(self)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,6 +328,8 @@ def prepare_masks(
     device: torch.device | str = "cpu",
     batch_size: int = 16,
     workers: Optional[int] = None,
+    on_ready: Optional[Callable[[dict[int, Optional[BlendMask]]], None]] = None,
+    stop: Optional[threading.Event] = None,
 ) -> list[Optional[BlendMask]]:
     """The blend mask of every frame (``None`` where the box is ``None`` or empty).
 
@@ -260,8 +337,10 @@ def prepare_masks(
     ``bisenet`` maps ImageNet-normalised ``[B, 3, 512, 512]`` to logits ``[B, 19, 512, 512]``.
     The crops/resizes and the mask post-processing run on a CPU thread pool (PIL and OpenCV
     release the GIL); the parser runs in batches of ``batch_size`` on ``device``. The masks
-    are also uploaded to ``device`` (one transfer) for ``composite``; their memory is the
-    sum of the box areas in bytes.
+    are also uploaded to ``device`` (one transfer per chunk) for ``composite``; their memory is
+    the sum of the box areas in bytes. ``on_ready({index: mask})`` is called for the frames
+    without a mask first, then after each chunk, once that chunk's masks are on the device.
+    ``stop``: when set, the function returns early (the result is then incomplete).
     """
     if len(boxes) != len(frames):
         raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
@@ -278,6 +357,9 @@ def prepare_masks(
             continue  # degenerate: the official code cannot blend it either
         todo.append((i, b))  # type: ignore[arg-type]
     result: list[Optional[BlendMask]] = [None] * len(boxes)
+    if on_ready is not None:
+        with_mask = {i for i, _ in todo}
+        on_ready({i: None for i in range(len(boxes)) if i not in with_mask})
     if not todo:
         return result
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -285,6 +367,8 @@ def prepare_masks(
     batch_size = max(1, int(batch_size))
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(todo), batch_size):
+            if stop is not None and stop.is_set():
+                return result
             chunk = todo[start : start + batch_size]
             inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
             with torch.inference_mode():
@@ -301,6 +385,13 @@ def prepare_masks(
             )
             for (i, _), m in zip(chunk, masks):
                 result[i] = m
+            if on_ready is not None:
+                ready = [result[i] for i, _ in chunk]
+                upload_masks(ready, device)
+                if device.type == "cuda":
+                    # The consumer may be another thread on another stream: the copies must be done.
+                    torch.cuda.current_stream(device).synchronize()
+                on_ready({i: result[i] for i, _ in chunk})
     # Masks are reused for many output frames: put them on the device now, in one copy.
     upload_masks(result, device)
     return result

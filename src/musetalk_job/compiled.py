@@ -1,4 +1,4 @@
-"""Opt-in ``torch.compile`` fast path for the GPU hot loop: the UNet forward and the VAE decode.
+"""Opt-in ``torch.compile`` fast path for the GPU work: the UNet forward, the VAE decode and encode.
 
 Contract:
 
@@ -12,11 +12,11 @@ Contract:
   (``AutoencoderKL``), e.g. ``models.loading.MuseTalkModels``.
 - What is compiled, always with fixed shapes (``dynamic=False``):
   ``regional``: every ``ResnetBlock2D``, ``Transformer2DModel``, ``Attention``, ``Downsample2D``
-  and ``Upsample2D`` of the UNet and of the VAE decoder, each compiled on its own (the outermost
-  match; nothing nested twice). Instances with equal shapes share one compiled graph, so the
-  compile cost is a fraction of whole-model compilation. ``full``: the whole UNet forward and
-  ``post_quant_conv`` + ``decoder`` as one graph each. ``vae.encode`` stays eager.
-- The models are changed in place: ``unet.forward`` and ``vae.decode`` become guarded wrappers
+  and ``Upsample2D`` of the UNet and of the VAE decoder and encoder, each compiled on its own (the
+  outermost match; nothing nested twice). Instances with equal shapes share one compiled graph, so
+  the compile cost is a fraction of whole-model compilation. ``full``: the whole UNet forward and
+  ``post_quant_conv`` + ``decoder`` as one graph each; ``vae.encode`` stays eager in ``full``.
+- The models are changed in place: ``unet.forward``, ``vae.decode`` and ``vae.encode`` become guarded wrappers
   (instance attributes), so callers keep calling ``unet(...)`` / ``vae.decode(...)`` unchanged and
   get identical output types. ``disable(models)`` restores eager exactly.
 - Fallback, never a failed job: when no compiler is usable (CPU without a C++ compiler, CUDA
@@ -25,9 +25,10 @@ Contract:
   wrapper, which logs ONE warning, disables compilation on both models and reruns that call
   eagerly. ``torch.OutOfMemoryError`` is re-raised unchanged (the engine's OOM handling owns it)
   without disabling.
-- Shapes: ``warmup(models, batch_sizes, decode_chunk=...)`` compiles (runs once, under
-  ``torch.inference_mode``) the UNet at each batch size and the decoder at the chunk sizes
-  ``latents.decode_latents(vae, z, decode_chunk)`` produces for them, then *freezes* the shape
+- Shapes: ``warmup(models, batch_sizes, decode_chunk=..., encode_batches=...)`` compiles (runs
+  once, under ``torch.inference_mode``) the UNet at each batch size, the decoder at the chunk sizes
+  ``latents.decode_latents(vae, z, decode_chunk)`` produces for them and the encoder (regional) at
+  each of ``encode_batches`` images per call, then *freezes* the shape
   sets: afterwards a call whose batch is not compiled is padded (repeating its last row) to the
   smallest compiled batch that is larger and its output sliced back, or, when none is larger,
   runs eagerly; any other guard failure (grad mode, inference flags) also runs eagerly
@@ -184,6 +185,7 @@ class _State:
     compiled_modules: list[nn.Module] = field(default_factory=list)
     core: Optional[Callable[..., Any]] = None  # full mode: the compiled callable
     batches: Optional[set[int]] = None  # frozen compiled batch sizes (None: compile any)
+    encode_batches: Optional[set[int]] = None  # vae only: frozen compiled encoder batches
     active: bool = True
     group: Optional["_Group"] = None
 
@@ -241,7 +243,7 @@ def _compile_regional(root: nn.Module, compile_kwargs: dict[str, Any]) -> list[n
 def _restore(model: nn.Module) -> None:
     """Undo everything ``enable`` did to ``model`` (idempotent)."""
     state = model.__dict__.pop(ATTR, None)
-    for name in ("forward", "decode"):
+    for name in ("forward", "decode", "encode"):
         model.__dict__.pop(name, None)
     if state is not None:
         state.active = False
@@ -254,11 +256,12 @@ def _pad_rows(x: torch.Tensor, m: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(m - n, *x.shape[1:])]) if m > n else x
 
 
-def _target_batch(state: _State, n: int) -> Optional[int]:
+def _target_batch(state: _State, n: int, batches: Any = "decode") -> Optional[int]:
     """Compiled batch to run ``n`` rows at; None → run eagerly (frozen and nothing fits)."""
-    if state.batches is None or n in state.batches:
+    frozen = state.batches if batches == "decode" else batches
+    if frozen is None or n in frozen:
         return n
-    larger = [b for b in state.batches if b > n]
+    larger = [b for b in frozen if b > n]
     return min(larger) if larger else None
 
 
@@ -347,6 +350,43 @@ def _wrap_vae(vae: nn.Module, state: _State) -> None:
         return DecoderOutput(sample=dec)
 
     vae.__dict__["decode"] = decode
+    if state.mode == "regional":
+        _wrap_vae_encode(vae, state)
+
+
+def _wrap_vae_encode(vae: nn.Module, state: _State) -> None:
+    """Regional mode: ``vae.encode`` runs its compiled blocks at the warmed batches only (padded
+    like the decoder's), eagerly otherwise; the output is the eager call's type."""
+    eager_encode = type(vae).encode.__get__(vae)
+
+    def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
+        tiled = getattr(vae, "use_tiling", False) or getattr(vae, "use_slicing", False)
+        if not state.active or tiled:
+            return eager_encode(x, return_dict=return_dict)
+        n = int(x.shape[0])
+        frozen = state.encode_batches if state.batches is not None else None
+        m = _target_batch(state, n, frozen)
+        if m is None:
+            with _eager_blocks(state):
+                return eager_encode(x, return_dict=return_dict)
+        try:
+            with _frozen_stance(state):
+                out = eager_encode(_pad_rows(x, m) if m != n else x, return_dict=return_dict)
+        except Exception as exc:
+            if _is_oom(exc) or state.group is None:
+                raise
+            state.group.fail("VAE encode", exc)
+            return eager_encode(x, return_dict=return_dict)
+        if m == n:
+            return out
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution((out.latent_dist if return_dict else out[0]).parameters[:n])
+        if not return_dict:
+            return (dist,)
+        return type(out)(latent_dist=dist)
+
+    vae.__dict__["encode"] = encode
 
 
 class _eager_blocks:
@@ -427,7 +467,7 @@ def enable(
         unet, vae = models.unet, models.vae
         if mode == "regional":
             unet_state.compiled_modules = _compile_regional(unet, kwargs)
-            vae_state.compiled_modules = _compile_regional(vae.decoder, kwargs)
+            vae_state.compiled_modules = _compile_regional(vae.decoder, kwargs) + _compile_regional(vae.encoder, kwargs)
         else:
             unet_state.core = torch.compile(type(unet).forward.__get__(unet), **kwargs)
 
@@ -478,6 +518,7 @@ def warmup(
     batch_sizes: Iterable[int],
     *,
     decode_chunk: Optional[int] = None,
+    encode_batches: Iterable[int] = (),
     tokens: int = 50,
     timestep: Optional[torch.Tensor] = None,
     freeze: bool = True,
@@ -497,22 +538,32 @@ def warmup(
     p = next(models.unet.parameters())
     batches = sorted({int(b) for b in batch_sizes if int(b) > 0})
     decodes = sorted({c for b in batches for c in decode_chunk_sizes(b, decode_chunk)})
+    encodes = sorted({int(b) for b in encode_batches if int(b) > 0} | (vae_state.encode_batches or set()))
+    if vae_state.mode != "regional":
+        encodes = []
     # Let every shape compile now; freeze afterwards.
     unet_state.batches = None
     vae_state.batches = None
+    vae_state.encode_batches = None
     if timestep is None:
         with torch.inference_mode(False):
             timestep = torch.zeros(1, dtype=torch.long, device=p.device)
     latent_ch = int(getattr(vae.config, "latent_channels", 4))
     with torch.inference_mode():
         _run_shapes(models, batches, decodes, tokens, timestep, latent_ch)
+        vp = next(vae.parameters())
+        in_ch = int(getattr(vae.config, "in_channels", 3))
+        size = 256  # latents.FACE_SIZE
+        for e in encodes:
+            vae.encode(torch.zeros((e, in_ch, size, size), device=vp.device, dtype=vp.dtype))
     if p.device.type == "cuda":
         torch.cuda.synchronize(p.device)
     if freeze and unet_state.active:
         unet_state.batches = set(batches)
         vae_state.batches = set(decodes)
+        vae_state.encode_batches = set(encodes)
     seconds = time.perf_counter() - t0
-    log.info("compiled UNet at batch %s and VAE decode at %s in %.1fs", batches, decodes, seconds)
+    log.info("compiled UNet at batch %s, VAE decode at %s and encode at %s in %.1fs", batches, decodes, encodes, seconds)
     return seconds
 
 
@@ -537,14 +588,20 @@ def ensure_warm(
     batch: int,
     *,
     decode_chunk: Optional[int] = None,
+    encode_batch: Optional[int] = None,
     tokens: int = 50,
     timestep: Optional[torch.Tensor] = None,
 ) -> float:
-    """``warmup`` at ``batch`` (plus the batches already compiled) unless it is compiled already:
-    the one call the engine makes before a job's hot loop. 0 when compiling is off or warm."""
-    state = _state(models.unet)
-    if state is None or not state.active:
+    """``warmup`` at ``batch`` (plus the batches already compiled) and the encoder at
+    ``encode_batch`` images per call, unless they are compiled already: the call the engine makes
+    before a job's GPU work. 0 when compiling is off or warm."""
+    state, vae_state = _state(models.unet), _state(models.vae)
+    if state is None or not state.active or vae_state is None:
         return 0.0
-    if state.batches is not None and batch in state.batches:
+    enc_ok = encode_batch is None or vae_state.mode != "regional" or int(encode_batch) in (vae_state.encode_batches or set())
+    if state.batches is not None and batch in state.batches and enc_ok:
         return 0.0
-    return warmup(models, sorted((state.batches or set()) | {int(batch)}), decode_chunk=decode_chunk, tokens=tokens, timestep=timestep)
+    return warmup(
+        models, sorted((state.batches or set()) | {int(batch)}), decode_chunk=decode_chunk,
+        encode_batches=[] if encode_batch is None else [int(encode_batch)], tokens=tokens, timestep=timestep,
+    )

@@ -31,6 +31,7 @@ encoder/ffmpeg failures), ``Cancelled`` (the ``cancel`` event was set; checked b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 
 from . import compiled
+from .blending import MaskStream
 from .errors import Cancelled, EngineRuntimeError, InputMediaError, JobError, SpecError
 from .latents import crop_faces, decode_latents, encode_faces
 from .options import EngineOptions, ProgressFn, Result
@@ -98,7 +100,7 @@ class PreparedVideo:
     n_used: int
     face_rows: np.ndarray  # [n_used] int64: row into ``latents`` or -1 (no face)
     latents: torch.Tensor  # [N_face, 8, 32, 32], model dtype, on the device
-    masks: list[Any]  # [n_used] blending.BlendMask | None (box after extra_margin)
+    masks: Sequence[Any]  # [n_used] blending.BlendMask | None (box after extra_margin); a MaskStream while in the making
     version: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -197,6 +199,9 @@ class Pipeline:
         # (720p: 2.6 ms/frame against 43 ms for colour.rgb_to_i420 on 2 cores).
         self.device_colour = self.device.type == "cuda"
         self.encoder_workers: Optional[int] = None
+        # The blend masks are made while the job generates (generate waits only for the masks of
+        # its batch); False waits for all of them before generating (benchmarks' before/after).
+        self.overlap_masks = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
 
@@ -257,7 +262,9 @@ class Pipeline:
         m = self.models
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
-        compiled.ensure_warm(m, batch, decode_chunk=self._chunk(batch), timestep=self._timestep)
+        compiled.ensure_warm(
+            m, batch, decode_chunk=self._chunk(batch), encode_batch=2 * self._encode_batch(batch), timestep=self._timestep
+        )
         decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample, self._chunk(batch))
         enc = self._encode_batch(batch)
         crops = torch.zeros((enc, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
@@ -378,9 +385,11 @@ class Pipeline:
         source: str = "the video",
         stages: Optional[_Stages] = None,
     ) -> PreparedVideo:
-        """Boxes, latents and blend masks for ``frames[:n_used]`` (all frames by default)."""
-        from .blending import prepare_masks
+        """Boxes, latents and blend masks for ``frames[:n_used]`` (all frames by default).
 
+        The masks may still be in the making when this returns: ``masks`` is a
+        ``blending.MaskStream`` whose items wait for their mask (and raise the mask thread's error).
+        """
         self._check_version(options)
         st = stages or _Stages(self.device)
         n = int(frames.shape[0])
@@ -403,37 +412,32 @@ class Pipeline:
         batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
         mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
 
-        def masks_job() -> list[Any]:
-            with torch.inference_mode():
-                return list(
-                    prepare_masks(
-                        frames[:n_used], used_boxes, self.models.bisenet, mode=mode,
-                        left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
-                        device=self.device, batch_size=self._chunk(batch),
-                    )
-                )
-
-        # The blend masks (mostly CPU: crops, resizes, morphology) are made in a second thread
-        # while this one crops and VAE-encodes; "blend" then times only the wait that is left.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blend-masks") as pool:
-            masks_future = pool.submit(masks_job)
+        masks = MaskStream(n_used)
+        self._start_masks(masks, frames[:n_used], used_boxes, mode, options, batch)
+        try:
+            # The blend masks (BiSeNet on a side stream, then CPU crops, resizes, morphology) are
+            # made in a background thread while this one crops and VAE-encodes, and on into the
+            # generate loop, which waits only for the masks of the batch it composites ("blend").
             with st.stage("latents"):
-                crops = crop_faces([frames[j] for j in face_idx], [used_boxes[j] for j in face_idx])
-                crops_t = torch.from_numpy(crops)
-                if self.device.type == "cuda":
-                    crops_t = crops_t.pin_memory()
+                # With compile on, the encoder's graphs are built (or loaded) here, once per process.
+                compiled.ensure_warm(
+                    self.models, batch, decode_chunk=self._chunk(batch),
+                    encode_batch=2 * self._encode_batch(batch), timestep=self._timestep,
+                )
                 latents = self._with_oom_retry(
-                    lambda b: encode_faces(self.models.vae, crops_t, b, pad=self.pad_batches),
+                    lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b),
                     self._encode_batch(batch),
                     "VAE encode",
                 )
                 if progress is not None:
                     progress("latents", len(face_idx), len(face_idx))
-            with st.stage("blend"):
-                masks = masks_future.result()
-                if progress is not None:
-                    progress("blend", len(face_idx), len(face_idx))
-        _check_cancel(cancel)
+            _check_cancel(cancel)
+            if not self.overlap_masks:
+                with st.stage("blend"):
+                    masks.wait_all()
+        except BaseException:
+            masks.close()
+            raise
         return PreparedVideo(
             frames=frames,
             fps=fps,
@@ -445,6 +449,59 @@ class Pipeline:
             version=self.version,
             stage_seconds=dict(st.seconds),
         )
+
+    def _start_masks(
+        self, masks: "MaskStream", frames: np.ndarray, boxes: list[Optional[Box]], mode: str, options: EngineOptions, batch: int
+    ) -> None:
+        """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
+        from .blending import prepare_masks
+
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def work() -> None:
+            try:
+                with torch.inference_mode(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+                    prepare_masks(
+                        frames, boxes, self.models.bisenet, mode=mode,
+                        left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
+                        device=self.device, batch_size=self._chunk(batch), on_ready=masks.publish, stop=masks.stop,
+                    )
+                if not masks.done and not masks.stop.is_set():
+                    raise EngineRuntimeError("blend masks: the mask thread ended without making every mask")
+            except JobError as exc:  # handed to the reader: generate raises it
+                masks.fail(exc)
+            except torch.cuda.OutOfMemoryError:
+                masks.fail(EngineRuntimeError("out of GPU memory while making the blend masks; free the GPU or use a smaller batch_size"))
+            except BaseException as exc:
+                err = EngineRuntimeError(f"blend masks (face parsing) failed: {type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                masks.fail(err)
+
+        threading.Thread(target=work, name="blend-masks", daemon=True).start()
+
+    def _encode_crops(self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int) -> torch.Tensor:
+        """Crop (CPU, LANCZOS4) and VAE-encode the faces ``frames[rows]`` in chunks of ``batch``:
+        the next chunk is cropped on a thread while the device encodes this one."""
+        n = len(rows)
+        out: Optional[torch.Tensor] = None
+
+        def crop(a: int) -> torch.Tensor:
+            t = torch.from_numpy(crop_faces([frames[j] for j in rows[a : a + batch]], boxes[a : a + batch]))
+            return t.pin_memory() if self.device.type == "cuda" else t
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crop-ahead") as pool:
+            nxt = pool.submit(crop, 0) if n else None
+            for a in range(0, n, batch):
+                crops = nxt.result()
+                nxt = pool.submit(crop, a + batch) if a + batch < n else None
+                lat = encode_faces(self.models.vae, crops, batch, pad=self.pad_batches)
+                if out is None:
+                    out = torch.empty((n, *lat.shape[1:]), dtype=lat.dtype, device=lat.device)
+                out[a : a + lat.shape[0]] = lat
+        if out is None:
+            p = next(self.models.vae.parameters())
+            out = torch.empty((0, 8, 32, 32), dtype=p.dtype, device=p.device)
+        return out
 
     def _with_oom_retry(self, fn: Any, batch: int, what: str) -> Any:
         while True:
@@ -549,6 +606,7 @@ class Pipeline:
         i420 = self.device_colour and bool(getattr(writer, "accepts_i420", False))
         pending: Optional[tuple[torch.Tensor, Any]] = None  # (host tensor, copy-done event)
         encode_s = 0.0
+        masks_waited0 = float(getattr(prep.masks, "waited_s", 0.0))
         start = 0
         batch = batch_size
         t0 = time.perf_counter()
@@ -590,13 +648,16 @@ class Pipeline:
         st.sync()
         loop_s = time.perf_counter() - t0
         gen_s, blend_s = timer.totals()
+        masks_wait_s = float(getattr(prep.masks, "waited_s", 0.0)) - masks_waited0
+        if self.device.type == "cuda":  # host time waiting for masks still being made (on CPU the composite span has it)
+            blend_s += masks_wait_s
         # On CPU the marks are exact wall-clock spans. On CUDA they are device (event) times; the
         # loop's remaining wall time (frame gathers, copies to the host) is counted as generate, so
         # the stages add up to the wall time. encode = host time blocked handing frames to the encoder.
         st.add("generate", gen_s if self.device.type != "cuda" else max(gen_s, loop_s - blend_s - encode_s))
         st.add("blend", blend_s)
         self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": blend_s,
-                             "encoder_wait_s": encode_s, "output_frames": total, "batch_size": batch,
+                             "encoder_wait_s": encode_s, "masks_wait_s": masks_wait_s, "output_frames": total, "batch_size": batch,
                              "compile_s": compile_s}
         st.add("encode", encode_s)
         return batch
@@ -635,8 +696,6 @@ class Pipeline:
         cancel: Optional[threading.Event] = None,
     ) -> Result:
         """Lip-sync ``video`` to ``audio`` and write ``output`` (MP4, the audio muxed in)."""
-        from .media import VideoWriter
-
         video, audio, output = Path(video), Path(audio), Path(output)
         self._check_version(options)
         st = _Stages(self.device)
@@ -648,7 +707,35 @@ class Pipeline:
                 progress("decode", 1, 1)
             _check_cancel(cancel)
 
-            prep = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
+            prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
+            try:
+                result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st)
+            finally:
+                if isinstance(prep.masks, MaskStream):
+                    prep.masks.close()  # stops the mask thread if the job ended before it did
+            if remember is not None:
+                remember()  # the avatar cache entry, now that every mask is made
+            return result
+
+    def _render(
+        self,
+        prep: PreparedVideo,
+        samples: np.ndarray,
+        fps: float,
+        num_out: int,
+        frames: np.ndarray,
+        video: Path,
+        audio: Path,
+        output: Path,
+        options: EngineOptions,
+        progress: Optional[ProgressFn],
+        cancel: Optional[threading.Event],
+        st: _Stages,
+    ) -> Result:
+        """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``."""
+        from .media import VideoWriter
+
+        with torch.inference_mode():
             _check_cancel(cancel)
             with st.stage("audio"):
                 cond = self.audio_features(samples, fps, num_out, options)
@@ -670,6 +757,8 @@ class Pipeline:
                 raise EngineRuntimeError(f"could not start the video encoder for {output.name}: {exc}") from exc
             try:
                 batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st)
+                if progress is not None:
+                    progress("blend", len(prep.masks), len(prep.masks))
                 t = time.perf_counter()
                 writer.close()
                 st.add("encode", time.perf_counter() - t)
@@ -709,9 +798,11 @@ class Pipeline:
         progress: Optional[ProgressFn],
         cancel: Optional[threading.Event],
         st: _Stages,
-    ) -> PreparedVideo:
+    ) -> tuple[PreparedVideo, Optional[Any]]:
         """``prepare_video`` through the avatar cache when one is configured (a hit skips the
-        landmarks, latents and mask work; the lookup is timed as ``landmarks``)."""
+        landmarks, latents and mask work; the lookup is timed as ``landmarks``). Also returns, on a
+        miss, the call that stores the new entry: ``run`` makes it after the job's frames are out,
+        as the masks are still being made while the job generates."""
         from . import cache
 
         n_used = used_input_frames(num_out, frames.shape[0])
@@ -730,12 +821,13 @@ class Pipeline:
                 frames, fps, options, n_used=n_used, progress=progress, cancel=cancel, source=video.name, stages=st
             )
             if key is not None:
-                self.avatar_cache.put(key, cache.to_cached(prep, options))
+                store, new = self.avatar_cache, prep
+                return prep, lambda: store.put(key, cache.to_cached(new, options))
         elif options.save_boxes is not None:  # a hit skips _boxes(), which writes it otherwise
             from .landmarks.boxes import write_boxes_file
 
             write_boxes_file(Path(options.save_boxes), prep.boxes)
-        return prep
+        return prep, None
 
     @staticmethod
     def _num_output_frames(samples: np.ndarray, fps: float, audio: Path) -> int:
