@@ -204,6 +204,11 @@ def micro(pipe: Any, batch: int) -> dict[str, Any]:
         s = _cuda_time(lambda: m.vae.encode(img).latent_dist.mean)
         out["vae_encode_ms_per_input_frame"] = round(s / batch * 1e3, 3)
         out["vae_encode_tflops"] = round(GFLOP_VAE_ENCODE * batch / s / 1e3, 1)
+        enc = 2 * pipe._encode_batch(batch)  # images per encoder call in the engine (masked + full)
+        if enc < 2 * batch:  # the same images in the engine's calls (compiled at this shape only)
+            s = _cuda_time(lambda: [m.vae.encode(img[a : a + enc]).latent_dist.mean for a in range(0, 2 * batch, enc)])
+            out[f"vae_encode_calls{enc}_ms_per_input_frame"] = round(s / batch * 1e3, 3)
+            out[f"vae_encode_calls{enc}_tflops"] = round(GFLOP_VAE_ENCODE * batch / s / 1e3, 1)
     return out
 
 
@@ -351,6 +356,10 @@ def floors(run: dict[str, Any], ceil: dict[str, Any], mic: dict[str, Any]) -> di
         "unet_efficiency": round(mic["unet_tflops"] / peak, 3),
         "vae_decode_efficiency": round(mic["vae_decode_tflops"] / peak, 3),
         "vae_encode_efficiency": round(mic["vae_encode_tflops"] / peak, 3),
+        # At the call sizes the engine uses (chunked decode, encoder calls): what compile covers.
+        **{k.replace("_tflops", "_efficiency"): round(v / peak, 3) for k, v in mic.items() if k.endswith("_tflops") and "calls" in k},
+        **{f"vae_decode_chunk{c}_efficiency": round(GFLOP_VAE_DECODE / (v / 1e3) / 1e3 / peak, 3)
+           for k, v in mic.items() if k.startswith("vae_decode_chunk") and (c := k.split("chunk")[1].split("_")[0])},
     }
 
 
@@ -519,6 +528,29 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             )
         report["micro_eager"] = micro(pipe, batch)
         save()
+    if args.compile and args.compile_channels_last and cuda:
+        # Channels-last weights compiled afresh: inductor fuses the GroupNorm/SiLU that made
+        # channels-last slower eagerly (run 1); the convolutions are 1.3-1.6x faster in NHWC.
+        from musetalk_job import compiled
+
+        compiled.disable(pipe.models)
+        pipe.use_channels_last(True)
+        try:
+            pipe.compiled = compiled.enable(pipe.models, mode=args.compile)
+            report["compile_channels_last_warmup_s"] = round(pipe.warmup(args.batch_size), 2)
+            report["compile_channels_last_failure"] = compiled.failure(pipe.models)
+            save()
+            runs["warm_compiled_channels_last"] = w1_run(pipe, video, audio, boxes, out_dir, "ccl", batch_size=args.batch_size)
+            if args.fast_preset:
+                runs["warm_compiled_channels_last_preset_" + args.fast_preset] = w1_run(
+                    pipe, video, audio, boxes, out_dir, "cclf", batch_size=args.batch_size, preset=args.fast_preset
+                )
+            report["micro_compiled_channels_last"] = micro(pipe, batch)
+        finally:
+            compiled.disable(pipe.models)
+            pipe.use_channels_last(False)
+            pipe.compiled = False
+        save()
     frames = read_frames(video).frames
     if args.encoder_micro:
         report["encoder"] = encoder_micro(frames if cuda else frames[:20], out_dir)
@@ -558,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", type=int, default=1, help="also run W1 with the old encoder hand-off (1/0)")
     p.add_argument("--compile", default="", help="regional|full: every run with torch.compile")
     p.add_argument("--eager-compare", type=int, default=1, help="with --compile: also W1 warm and micro eager at the end (1/0)")
+    p.add_argument("--compile-channels-last", type=int, default=0, help="with --compile: also compile channels-last weights afresh and run W1 warm (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

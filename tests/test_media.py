@@ -444,6 +444,33 @@ def test_segmented_writer_uses_one_idr_per_segment(tmp_path):
     assert all(a < b for a, b in zip(dts, dts[1:]))
 
 
+def test_expected_frames_shrink_the_last_segments_only(tmp_path):
+
+    frames = _smooth_frames(100, 64, 48)
+    outs = {}
+    for name, kw in (("plain", {}), ("tail", {"expected_frames": 100})):
+        out = tmp_path / f"{name}.mp4"
+        with media.VideoWriter(out, width=64, height=48, fps=25, workers=2, segment_frames=30, crf=0, **kw) as w:
+            w.write(frames)
+        outs[name] = (w.segment_sizes, media.read_frames(out).frames)
+        import av
+
+        with av.open(str(out)) as c:
+            tb = c.streams.video[0].time_base
+            keys = {round(p.pts * tb * 25) for p in c.demux(video=0) if p.size and p.is_keyframe}
+        assert set(np.cumsum([0] + w.segment_sizes[:-1]).tolist()) <= keys  # every segment starts with an IDR
+    assert outs["plain"][0] == [30, 30, 30, 10]
+    # The last 2 rounds (<= workers * 30 frames left) take half of what is left, never below 12.
+    assert outs["tail"][0] == [30, 30, 20, 12, 8]
+    np.testing.assert_array_equal(outs["tail"][1], outs["plain"][1])  # crf 0: the same frames
+    # A wrong hint only changes where segments end, not the video.
+    with media.VideoWriter(tmp_path / "short.mp4", width=64, height=48, fps=25, workers=2, segment_frames=30,
+                           crf=0, expected_frames=40) as w:
+        w.write(frames)
+    assert sum(w.segment_sizes) == 100 and w.segment_sizes[:2] == [20, 12] and max(w.segment_sizes) == 30
+    np.testing.assert_array_equal(media.read_frames(tmp_path / "short.mp4").frames, outs["plain"][1])
+
+
 def _decoded_i420(path: Path) -> np.ndarray:
     import av
 

@@ -575,6 +575,9 @@ _STOP = object()
 # +16 % with 50-frame and +6 % with 125-frame segments (250 frames of the 720p sample face video,
 # preset medium; bench/README.md, "Encoder"). Pass segment_frames to trade speed for size.
 DEFAULT_SEGMENT_FRAMES = 50
+# The shortest segment the tail schedule (VideoWriter ``expected_frames``) makes: each segment
+# costs an IDR frame, so the tail stops shrinking here.
+MIN_TAIL_SEGMENT = 12
 
 
 def default_encoder_workers(cpus: Optional[int] = None) -> int:
@@ -608,7 +611,9 @@ class VideoWriter:
     joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
     join. ``write()`` blocks while ``workers + 1`` segments are in flight. NVENC and the lossless
-    codecs always use one stream (``workers == 1``).
+    codecs always use one stream (``workers == 1``). ``expected_frames`` (a hint: how many frames
+    will be written) lets the last segments shrink (``segment_sizes``) so that the encoders finish
+    soon after the last frame instead of one whole segment later; more or fewer frames are fine.
     """
 
     def __init__(
@@ -625,6 +630,7 @@ class VideoWriter:
         queue_frames: int = 32,
         workers: Optional[int] = None,
         segment_frames: Optional[int] = None,
+        expected_frames: Optional[int] = None,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -659,6 +665,7 @@ class VideoWriter:
             raise EngineRuntimeError(f"output {self.path}: cannot create ({_av_reason(exc)})") from exc
         self._audio_in = None
         self._crf, self._preset = int(crf), preset
+        self.expected_frames = int(expected_frames) if expected_frames else None
         try:
             self._setup_video(crf, preset)
             self._setup_segments(workers, segment_frames)
@@ -751,6 +758,8 @@ class VideoWriter:
         self._segmented = self.workers > 1
         self._seg_buf: list[tuple[str, np.ndarray]] = []
         self._seg_start = 0
+        self._seg_target = self._next_segment_size(0)
+        self.segment_sizes: list[int] = []
         self._last_dts: Optional[int] = None
         self._seg_pool: Any = None
         self._seg_slots = threading.Semaphore(self.workers + 1)
@@ -808,7 +817,7 @@ class VideoWriter:
         """Hand one frame (already a private copy) to the encoder side."""
         if self._segmented:
             self._seg_buf.append((kind, frame))
-            if len(self._seg_buf) >= self.segment_frames:
+            if len(self._seg_buf) >= self._seg_target:
                 self._submit_segment()
             return
         while True:
@@ -826,11 +835,25 @@ class VideoWriter:
                 self._raise_if_failed()
                 raise EngineRuntimeError(f"output {self.path}: the encoder stopped ({exc})") from exc
 
+    def _next_segment_size(self, start: int) -> int:
+        """Frames in the segment that starts at frame ``start``. With ``expected_frames`` known, the
+        segments of the last ``workers`` rounds shrink (each a ``workers``-th of what is left, at
+        least MIN_TAIL_SEGMENT): the last one, which nothing overlaps, is then short."""
+        full = self.segment_frames
+        if self.expected_frames is None:
+            return full
+        left = self.expected_frames - start
+        if left <= 0 or left > self.workers * full:
+            return full
+        return max(min(full, MIN_TAIL_SEGMENT), min(full, -(-left // self.workers)))
+
     def _submit_segment(self) -> None:
         """Give the buffered frames to a segment encoder; blocks while workers+1 segments are in flight."""
         frames, start = self._seg_buf, self._seg_start
         self._seg_buf = []
         self._seg_start += len(frames)
+        self._seg_target = self._next_segment_size(self._seg_start)
+        self.segment_sizes.append(len(frames))
         while not self._seg_slots.acquire(timeout=0.2):
             self._raise_if_failed()
         try:

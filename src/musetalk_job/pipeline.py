@@ -748,7 +748,7 @@ class Pipeline:
             try:
                 writer = VideoWriter(
                     output, width=w, height=h, fps=fps, audio_path=audio,
-                    codec=options.codec, crf=options.crf, preset=options.preset,
+                    codec=options.codec, crf=options.crf, preset=options.preset, expected_frames=num_out,
                     **({} if self.encoder_workers is None else {"workers": self.encoder_workers}),
                 )
             except JobError:
