@@ -454,6 +454,19 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             pipe, video, audio, boxes, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
         )
         save()
+    for variant in [v for v in args.encoder_variants.split(",") if v]:
+        # W1 warm with another segment-encoder layout: "WORKERS:AHEAD" (segments in flight).
+        w, _, ahead = variant.partition(":")
+        pipe.encoder_workers, pipe.encoder_segments_ahead = int(w), int(ahead) if ahead else None
+        try:
+            for preset in [p for p in ("", args.fast_preset) if p or not args.fast_preset_only_variants]:
+                runs[f"warm_encoder_{w}x{ahead or 'default'}" + (f"_preset_{preset}" if preset else "")] = w1_run(
+                    pipe, video, audio, boxes, out_dir, f"ev{w}{ahead}{preset}", batch_size=args.batch_size,
+                    **({"preset": preset} if preset else {}),
+                )
+        finally:
+            pipe.encoder_workers = pipe.encoder_segments_ahead = None
+        save()
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         pipe.overlap_masks = False
@@ -591,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="", help="regional|full: every run with torch.compile")
     p.add_argument("--eager-compare", type=int, default=1, help="with --compile: also W1 warm and micro eager at the end (1/0)")
     p.add_argument("--compile-channels-last", type=int, default=0, help="with --compile: also compile channels-last weights afresh and run W1 warm (1/0)")
+    p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
+    p.add_argument("--fast-preset-only-variants", type=int, default=0, help="encoder variants only with --fast-preset (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -469,6 +469,15 @@ def test_expected_frames_shrink_the_last_segments_only(tmp_path):
         w.write(frames)
     assert sum(w.segment_sizes) == 100 and w.segment_sizes[:2] == [20, 12] and max(w.segment_sizes) == 30
     np.testing.assert_array_equal(media.read_frames(tmp_path / "short.mp4").frames, outs["plain"][1])
+    # More segments in flight (the writer runs further ahead of the encoders): the same video.
+    with media.VideoWriter(tmp_path / "ahead.mp4", width=64, height=48, fps=25, workers=2, segment_frames=30,
+                           crf=0, segments_ahead=5) as w:
+        assert w.segments_ahead == 5
+        w.write(frames)
+    np.testing.assert_array_equal(media.read_frames(tmp_path / "ahead.mp4").frames, outs["plain"][1])
+    clamped = media.VideoWriter(tmp_path / "x.mp4", width=64, height=48, fps=25, workers=3, segments_ahead=1)
+    assert clamped.segments_ahead == 3  # never fewer in flight than encoders
+    clamped.abort()
 
 
 def _decoded_i420(path: Path) -> np.ndarray:

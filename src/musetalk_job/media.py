@@ -610,7 +610,7 @@ class VideoWriter:
     ``cpus // workers`` threads, starting with an IDR) on ``workers`` threads; the mux thread
     joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
-    join. ``write()`` blocks while ``workers + 1`` segments are in flight. NVENC and the lossless
+    join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are in flight. NVENC and the lossless
     codecs always use one stream (``workers == 1``). ``expected_frames`` (a hint: how many frames
     will be written) lets the last segments shrink (``segment_sizes``) so that the encoders finish
     soon after the last frame instead of one whole segment later; more or fewer frames are fine.
@@ -631,6 +631,7 @@ class VideoWriter:
         workers: Optional[int] = None,
         segment_frames: Optional[int] = None,
         expected_frames: Optional[int] = None,
+        segments_ahead: Optional[int] = None,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -668,7 +669,7 @@ class VideoWriter:
         self.expected_frames = int(expected_frames) if expected_frames else None
         try:
             self._setup_video(crf, preset)
-            self._setup_segments(workers, segment_frames)
+            self._setup_segments(workers, segment_frames, segments_ahead)
             if audio_path is not None:
                 self._setup_audio(Path(audio_path))
         except BaseException:
@@ -740,7 +741,7 @@ class VideoWriter:
         self._audio_eof = False
         self._audio_samples = 0  # samples sent to the encoder
 
-    def _setup_segments(self, workers: Optional[int], segment_frames: Optional[int]) -> None:
+    def _setup_segments(self, workers: Optional[int], segment_frames: Optional[int], ahead: Optional[int] = None) -> None:
         """Segment-parallel libx264 (see the class docstring); one stream for everything else."""
         if workers is None:
             env = os.environ.get("MUSETALK_ENCODER_WORKERS", "").strip()
@@ -762,7 +763,8 @@ class VideoWriter:
         self.segment_sizes: list[int] = []
         self._last_dts: Optional[int] = None
         self._seg_pool: Any = None
-        self._seg_slots = threading.Semaphore(self.workers + 1)
+        self.segments_ahead = max(self.workers, int(ahead)) if ahead else self.workers + 1
+        self._seg_slots = threading.Semaphore(self.segments_ahead)
         if self._segmented:
             from concurrent.futures import ThreadPoolExecutor
 

@@ -199,6 +199,7 @@ class Pipeline:
         # (720p: 2.6 ms/frame against 43 ms for colour.rgb_to_i420 on 2 cores).
         self.device_colour = self.device.type == "cuda"
         self.encoder_workers: Optional[int] = None
+        self.encoder_segments_ahead: Optional[int] = None  # VideoWriter(segments_ahead=...); None: its default
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
@@ -750,6 +751,7 @@ class Pipeline:
                     output, width=w, height=h, fps=fps, audio_path=audio,
                     codec=options.codec, crf=options.crf, preset=options.preset, expected_frames=num_out,
                     **({} if self.encoder_workers is None else {"workers": self.encoder_workers}),
+                    **({} if self.encoder_segments_ahead is None else {"segments_ahead": self.encoder_segments_ahead}),
                 )
             except JobError:
                 raise
