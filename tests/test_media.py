@@ -518,6 +518,12 @@ def test_i420_input_matches_rgb_input_within_colour_rounding(tmp_path, kw):
     assert a.shape == b.shape == (12, 64, 98, 3)  # H.264 pads odd sizes by one repeated row/column
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     assert d.mean() < 0.5 and d.max() <= 4, (d.max(), d.mean())
+    # Handed over without a copy (copy=False; the engine's fresh pinned buffers): the same video.
+    out_owned = tmp_path / "owned.mp4"
+    with media.VideoWriter(out_owned, width=97, height=63, fps=25, crf=0, **kw) as w:
+        for k in range(0, 12, 5):
+            w.write_i420(i420[k : k + 5].copy(), copy=False)
+    np.testing.assert_array_equal(_decoded_i420(out_owned), yb)
 
 
 def test_write_i420_errors(tmp_path):

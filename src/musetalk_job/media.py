@@ -780,9 +780,11 @@ class VideoWriter:
         """Whether ``write_i420`` may be used (H.264 output: the encoder takes yuv420p)."""
         return self._pix_fmt == "yuv420p"
 
-    def write_i420(self, frames: np.ndarray) -> None:
+    def write_i420(self, frames: np.ndarray, *, copy: bool = True) -> None:
         """Queue frames already converted to I420 (``colour.rgb_to_i420``): uint8
-        ``[B, Hp*3//2, Wp]`` (or one ``[Hp*3//2, Wp]``) with ``Hp``/``Wp`` the even-padded size."""
+        ``[B, Hp*3//2, Wp]`` (or one ``[Hp*3//2, Wp]``) with ``Hp``/``Wp`` the even-padded size.
+        ``copy=False`` hands the array over instead of copying it (a caller that never touches it
+        again, e.g. a fresh pinned buffer per batch): the writer keeps views until they are encoded."""
         if self._closed:
             raise EngineRuntimeError(f"output {self.path}: write() after close()/abort()")
         self._raise_if_failed()  # a failed encoder (any segment worker) surfaces here
@@ -797,7 +799,7 @@ class VideoWriter:
                 f"output {self.path}: I420 frames must be uint8 [B, {hp * 3 // 2}, {wp}], got {arr.dtype} {list(arr.shape)}"
             )
         for frame in arr:
-            self._queue_frame("i420", frame.copy())
+            self._queue_frame("i420", frame.copy() if copy else frame)
 
     def write(self, frames: np.ndarray) -> None:
         """Queue frames ``[B, H, W, 3]`` (or one ``[H, W, 3]``) uint8 RGB for encoding."""
@@ -890,7 +892,16 @@ class VideoWriter:
 
     def _encode_segment(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
         """Encode one segment with its own libx264 (runs on a segment thread; PyAV releases the GIL
-        inside the encoder). Returns its packets re-timed to the whole stream, and its frame count."""
+        inside the encoder). Returns its packets re-timed to the whole stream, and its frame count.
+        Its slot is freed as soon as it is encoded (not muxed): the mux thread, which also encodes
+        the audio, never holds back ``write()``."""
+        try:
+            return self._encode_segment_frames(frames, start)
+        finally:
+            frames.clear()  # the frames (possibly the caller's buffers) are not needed any more
+            self._seg_slots.release()
+
+    def _encode_segment_frames(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
         if self._aborted.is_set():
             return [], 0
         ctx = self._segment_context()
@@ -1000,10 +1011,7 @@ class VideoWriter:
                 if item is _STOP or self._aborted.is_set():
                     break
                 if self._segmented:
-                    try:
-                        packets, n = item.result()
-                    finally:
-                        self._seg_slots.release()
+                    packets, n = item.result()  # its slot was freed when its encoding ended
                     self._mux_segment(packets, n)
                 else:
                     self._encode_video(item.result())

@@ -678,7 +678,10 @@ class Pipeline:
             event.synchronize()
         t = time.perf_counter()
         try:
-            (writer.write_i420 if i420 else writer.write)(host.numpy())
+            if i420:  # host is a fresh pinned buffer per batch, never reused here: no copy needed
+                writer.write_i420(host.numpy(), copy=False)
+            else:
+                writer.write(host.numpy())
         except JobError:
             raise
         except Exception as exc:  # the encoder thread or ffmpeg failed
