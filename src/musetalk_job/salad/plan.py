@@ -26,9 +26,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-# The benchmark's ``output_fps`` for W1 on one NVIDIA H200 (2026-11-29, commit 243b487,
-# bench/results/h200-2026-11-29-run11.json, warm run, eager, libx264 medium).
-H200_MEASURED_FPS: Optional[float] = 96.3
+# The benchmark's ``output_fps`` for W1 on one NVIDIA H200 (2026-11-29, commit 6440d21,
+# bench/results/h200-2026-11-29-run21.json, warm run, eager (no MUSETALK_COMPILE), libx264 medium).
+H200_MEASURED_FPS: Optional[float] = 115.2
 
 # Per-GPU-hour prices in USD by priority (high, medium, low, batch), from the SaladCloud
 # `GET /gpu-classes` snapshot dated 2025-09-22 (docs/salad.md §6). Prices move: pass --price
