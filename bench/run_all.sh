@@ -3,7 +3,8 @@
 #   bash bench/run_all.sh OUT_DIR [main|compile|cold|all]
 # main   : bench.py (W1 cold/warm/baseline/presets, avatar cache, memory per batch, micro, landmarks)
 #          and encoder_bench.py (CPU encoder alone)
-# compile: W1 with torch.compile (bench.py --compile) and compile_bench.py (models alone)
+# compile: every W1 run compiled, then eager in the same process (bench.py --compile; run 21's command)
+#          and compile_bench.py (models alone)
 # cold   : cold_start.py (page cache dropped before every run; needs root)
 # Each part writes <name>.json and <name>.log; a failing part does not stop the others.
 set -u
@@ -29,7 +30,8 @@ if [[ $part == main || $part == all ]]; then
 fi
 if [[ $part == compile || $part == all ]]; then
   "$py" "$here/bench.py" --media "$here/../.bench/media" --models "$models" --out "$out/bench_compiled.json" \
-    --skip-ceilings --compile "${MUSETALK_BENCH_COMPILE:-regional}" >"$out/bench_compiled.log" 2>&1
+    --compile "${MUSETALK_BENCH_COMPILE:-regional}" --cache-presets veryfast,medium --memory-batches --baseline 0 \
+    --channels-last 0 --cudnn-compare 0 --encoder-micro 0 --landmark-batches 4 >"$out/bench_compiled.log" 2>&1
   echo "== bench --compile: exit $?" >&2
   step compile "$py" "$here/compile_bench.py" --models "$models" --budget-s "${MUSETALK_BENCH_COMPILE_BUDGET:-180}"
 fi

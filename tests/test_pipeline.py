@@ -344,6 +344,37 @@ def test_masks_overlap_generation_and_stop_with_a_cancelled_job(pipe, face_video
     assert not stream.done
 
 
+def _oom_once(real, calls: list):
+    def flaky(x, *a, **k):
+        calls.append(int(x.shape[0]))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(x, *a, **k)
+
+    return flaky
+
+
+@pytest.mark.parametrize("where", ["vae_encode", "unet"])
+def test_out_of_memory_halves_the_batch_and_the_job_goes_on(pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch, where) -> None:
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.4)  # 10 frames
+    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
+    ref = pipe.run(face_video, short, tmp_path / "ref.mkv", opts)
+    calls: list[int] = []
+    if where == "vae_encode":
+        monkeypatch.setattr(pipe.models.vae, "encode", _oom_once(pipe.models.vae.encode, calls))
+    else:
+        monkeypatch.setattr(pipe.models.unet, "forward", _oom_once(pipe.models.unet.forward, calls))
+    result = pipe.run(face_video, short, tmp_path / "oom.mkv", opts)
+    # encode: 2 crops (4 images, masked + full) per call, then 1 crop; UNet: batch 4, then 2.
+    assert calls[:2] == [4, 2]
+    assert result.frames == ref.frames == 10
+    if where == "unet":
+        assert result.batch_size == 2
+    a, b = _read(ref.output), _read(result.output)
+    assert a.shape == b.shape
+    assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1  # fp32 CPU, other batch sizes
+
+
 def test_avatar_cache_hit_reuses_preparation_and_gives_the_same_video(
     pipe, face_video, speech_wav, tmp_path
 ) -> None:

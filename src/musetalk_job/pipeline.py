@@ -15,7 +15,8 @@ Contract::
    when ``save_boxes`` is set). No face in any used frame → ``InputMediaError``.
 3. ``latents``   — per distinct input frame with a face, once: crop (box + ``extra_margin`` for
    v1.5) → 256² LANCZOS4 → VAE mean latents ``[N_face, 8, 32, 32]`` on the device; blend masks
-   (BiSeNet) once per distinct frame (timed as ``blend``).
+   (BiSeNet) once per distinct frame, in a background thread that runs on into ``generate``
+   (``blending.MaskStream``; the time ``generate`` waits for them is timed as ``blend``).
 4. ``audio``     — Whisper features → ``[T, 50, 384]`` windows + positional encoding.
 5. ``generate``  — batches over output frames: UNet(t=0) + VAE decode for the frames with a face,
    composite on the device (``blend``), copy to pinned host memory, hand to the background
@@ -516,6 +517,14 @@ class Pipeline:
                     ) from None
                 batch = max(1, batch // 2)
                 log.warning("out of GPU memory in %s; retrying with batch size %d", what, batch)
+                self._compile_off_after_oom()
+
+    def _compile_off_after_oom(self) -> None:
+        """Compiled graphs pad every call to their compiled batch, so halving it needs eager."""
+        if self.compiled:
+            compiled.disable(self.models)
+            self.compiled = False
+            log.warning("torch.compile switched off for this pipeline after running out of memory")
 
     def audio_features(self, samples: np.ndarray, fps: float, num_frames: int, options: EngineOptions) -> torch.Tensor:
         """``[T, 50, 384]`` UNet conditioning (windows + positional encoding), model dtype, on the device."""
@@ -632,10 +641,7 @@ class Pipeline:
                     ) from None
                 batch = plan.batch = max(1, batch // 2)
                 log.warning("out of GPU memory while generating; retrying with batch size %d", batch)
-                if self.compiled:  # compiled graphs pad to their batch: halving needs eager
-                    compiled.disable(self.models)
-                    self.compiled = False
-                    log.warning("torch.compile switched off for this pipeline after running out of memory")
+                self._compile_off_after_oom()
                 continue
             host, event = self._to_host(out_dev)
             if pending is not None:  # hand over the previous batch while the GPU works on this one
