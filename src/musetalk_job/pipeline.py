@@ -654,8 +654,9 @@ class Pipeline:
             encode_s += self._write(writer, *pending, i420=i420)
         st.sync()
         loop_s = time.perf_counter() - t0
-        gen_s, blend_s = timer.totals()
+        gen_s, composite_s = timer.totals()
         masks_wait_s = float(getattr(prep.masks, "waited_s", 0.0)) - masks_waited0
+        blend_s = composite_s
         if self.device.type == "cuda":  # host time waiting for masks still being made (on CPU the composite span has it)
             blend_s += masks_wait_s
         # On CPU the marks are exact wall-clock spans. On CUDA they are device (event) times; the
@@ -663,7 +664,7 @@ class Pipeline:
         # the stages add up to the wall time. encode = host time blocked handing frames to the encoder.
         st.add("generate", gen_s if self.device.type != "cuda" else max(gen_s, loop_s - blend_s - encode_s))
         st.add("blend", blend_s)
-        self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": blend_s,
+        self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": composite_s,
                              "encoder_wait_s": encode_s, "masks_wait_s": masks_wait_s, "output_frames": total, "batch_size": batch,
                              "compile_s": compile_s}
         st.add("encode", encode_s)
