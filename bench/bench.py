@@ -315,6 +315,7 @@ def w1_run(pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: 
     from musetalk_job.media import probe
 
     info = probe(result.output)
+    size_bytes = Path(result.output).stat().st_size
     stats = result.stats()
     stats["output_probe"] = {"duration_s": info.duration_s, "fps": info.fps, "n_frames": info.n_frames,
                              "has_audio": info.has_audio, "video_codec": info.video_codec}
@@ -322,6 +323,7 @@ def w1_run(pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: 
         wall_s=round(wall, 3),
         output_fps=round(result.frames / wall, 1),
         peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        output_bytes=size_bytes,
         detail={k: (round(v, 4) if isinstance(v, float) else v) for k, v in pipe.last_timings.items()},
         options={k: str(v) for k, v in opts.items()},
     )
@@ -467,6 +469,20 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             pipe.encoder_workers = pipe.encoder_segments_ahead = None
         save()
+    if args.short_segment_variants:
+        # The 10 s job (250 frames) with other encoder segment sizes: its encoder tail against file size.
+        short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
+        for k, seg in enumerate(int(v) for v in args.short_segment_variants.split(",") if v):
+            pipe.encoder_segment_frames = seg
+            try:
+                for preset in ["", args.fast_preset] if args.fast_preset else [""]:
+                    runs[f"short_segments_{seg}" + (f"_preset_{preset}" if preset else "") + f"_{k}"] = w1_run(
+                        pipe, video, short, boxes, out_dir, f"ss{seg}{preset}", batch_size=args.batch_size,
+                        **({"preset": preset} if preset else {}),
+                    )
+            finally:
+                pipe.encoder_segment_frames = None
+            save()
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         pipe.overlap_masks = False
@@ -606,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-channels-last", type=int, default=0, help="with --compile: also compile channels-last weights afresh and run W1 warm (1/0)")
     p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
     p.add_argument("--fast-preset-only-variants", type=int, default=0, help="encoder variants only with --fast-preset (1/0)")
+    p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -201,6 +201,7 @@ class Pipeline:
         self.device_colour = self.device.type == "cuda"
         self.encoder_workers: Optional[int] = None
         self.encoder_segments_ahead: Optional[int] = None  # VideoWriter(segments_ahead=...); None: its default
+        self.encoder_segment_frames: Optional[int] = None  # VideoWriter(segment_frames=...); None: its default
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
@@ -762,6 +763,7 @@ class Pipeline:
                     codec=options.codec, crf=options.crf, preset=options.preset, expected_frames=num_out,
                     **({} if self.encoder_workers is None else {"workers": self.encoder_workers}),
                     **({} if self.encoder_segments_ahead is None else {"segments_ahead": self.encoder_segments_ahead}),
+                    **({} if self.encoder_segment_frames is None else {"segment_frames": self.encoder_segment_frames}),
                 )
             except JobError:
                 raise
