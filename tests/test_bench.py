@@ -1,0 +1,85 @@
+"""The GPU benchmark's own smoke run on CPU (tiny random weights, 1 s of speech): the same code
+path as on the H200, so a change that breaks `bench/bench.py` or the CPU profile probe fails here.
+
+It checks what the JSON reports are for: W1 runs whose frame counts, stages and output agree
+with the media, per-model timings, the landmark figures and the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"decode", "landmarks", "latents", "audio", "generate", "blend", "encode"}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env["MUSETALK_AVATAR_CACHE"] = ""
+    return env
+
+
+@pytest.fixture(scope="module")
+def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    return {"media": root / "media", "models": root / "models", "work": root / "work", "out": root / "bench.json"}
+
+
+@pytest.fixture(scope="module")
+def report(bench_dirs: dict[str, Path]) -> dict:
+    d = bench_dirs
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "bench.py"), "--device", "cpu", "--size", "tiny", "--audio-seconds", "1",
+        "--media", str(d["media"]), "--models", str(d["models"]), "--work", str(d["work"]), "--out", str(d["out"]),
+        "--avatar-cache", "0", "--masks-compare", "0", "--baseline", "0", "--memory-batches", "--encoder-micro", "0",
+        "--cudnn-compare", "0", "--channels-last", "0", "--fast-preset", "", "--landmark-batches", "4",
+        "--skip-ceilings", "--commit", "test-commit",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(d["out"].read_text())
+
+
+def test_bench_smoke_reports_w1_runs_that_match_their_output(report: dict) -> None:
+    assert report["commit"] == "test-commit" and report["weights"] == "random, tiny"
+    assert report["media"]["faces"] > 0  # the boxes file found faces in the benchmark video
+    for name in ("cold", "warm"):
+        run = report["w1"][name]
+        assert run["frames"] == 25  # 1 s of speech at 25 fps
+        probe = run["output_probe"]
+        assert probe["n_frames"] == run["frames"] and probe["has_audio"] and probe["video_codec"] == "h264"
+        assert set(run["stage_seconds"]) == STAGES and all(v >= 0 for v in run["stage_seconds"].values())
+        assert run["wall_s"] > 0 and abs(run["output_fps"] - run["frames"] / run["wall_s"]) < 0.2
+        assert run["output_bytes"] > 1000
+        assert run["detail"]["output_frames"] == run["frames"] and "masks_wait_s" in run["detail"]
+
+
+def test_bench_smoke_times_each_model_and_the_landmarks(report: dict) -> None:
+    micro = report["micro"]
+    assert micro["unet_ms_per_frame"] > 0 and micro["vae_decode_ms_per_frame"] > 0
+    # The engine's encoder call size (2 crops = 4 images on CPU) is timed beside the whole batch.
+    assert micro["vae_encode_calls4_ms_per_input_frame"] > 0
+    assert report["landmarks"]["cascade"]["batch_4"]["faces"] > 0
+
+
+def test_cpu_profile_probe_accounts_cpu_per_thread(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "probes" / "cpu_profile.py"), "--device", "cpu", "--presets", "veryfast",
+        "--models", str(bench_dirs["models"]), "--media", str(bench_dirs["media"]), "--work", str(tmp_path / "w"),
+        "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run = json.loads(out.read_text())["runs"]["veryfast"]
+    cpu = run["cpu"]
+    assert run["frames"] == 25 and cpu["job_cores_busy"] > 0
+    assert cpu["cpu_s_by_thread"].get("MainThread", 0) > 0
+    assert cpu["timeline_cores"] and all(len(p) == 2 for p in cpu["timeline_cores"])
