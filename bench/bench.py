@@ -442,15 +442,29 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     save()
     runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
     save()
+
+    def preset_runs(key: str, label: str, speech: Path, *, fast: bool = True, **attrs: Any) -> None:
+        """W1-style runs at the default (and, with ``fast``, the fast) preset with ``pipe`` attributes
+        set for them and restored afterwards."""
+        presets = ["", args.fast_preset] if fast and args.fast_preset else [""]
+        saved = {name: getattr(pipe, name) for name in attrs}
+        for name, value in attrs.items():
+            setattr(pipe, name, value)
+        try:
+            for preset in presets:
+                runs[key + (f"_preset_{preset}" if preset else "")] = w1_run(
+                    pipe, video, speech, boxes, out_dir, label + preset, batch_size=args.batch_size,
+                    **({"preset": preset} if preset else {}),
+                )
+        finally:
+            for name, value in saved.items():
+                setattr(pipe, name, value)
+        save()
+
     if args.baseline:
         # The encoder hand-off as before this round (CPU colour conversion, one libx264 stream),
         # in the same process: the before/after of the encoder levers from one run.
-        pipe.device_colour, pipe.encoder_workers = False, 1
-        try:
-            runs["warm_baseline_encoder"] = w1_run(pipe, video, audio, boxes, out_dir, "base", batch_size=args.batch_size)
-        finally:
-            pipe.device_colour, pipe.encoder_workers = True, None
-        save()
+        preset_runs("warm_baseline_encoder", "base", audio, fast=False, device_colour=False, encoder_workers=1)
     if args.fast_preset and not args.only_cold_warm:
         runs["warm_preset_" + args.fast_preset] = w1_run(
             pipe, video, audio, boxes, out_dir, "fast", batch_size=args.batch_size, preset=args.fast_preset
@@ -459,42 +473,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     for variant in [v for v in args.encoder_variants.split(",") if v]:
         # W1 warm with another segment-encoder layout: "WORKERS:AHEAD" (segments in flight).
         w, _, ahead = variant.partition(":")
-        pipe.encoder_workers, pipe.encoder_segments_ahead = int(w), int(ahead) if ahead else None
-        try:
-            for preset in [p for p in ("", args.fast_preset) if p or not args.fast_preset_only_variants]:
-                runs[f"warm_encoder_{w}x{ahead or 'default'}" + (f"_preset_{preset}" if preset else "")] = w1_run(
-                    pipe, video, audio, boxes, out_dir, f"ev{w}{ahead}{preset}", batch_size=args.batch_size,
-                    **({"preset": preset} if preset else {}),
-                )
-        finally:
-            pipe.encoder_workers = pipe.encoder_segments_ahead = None
-        save()
+        preset_runs(f"warm_encoder_{w}x{ahead or 'default'}", f"ev{w}{ahead}", audio,
+                    encoder_workers=int(w), encoder_segments_ahead=int(ahead) if ahead else None)
     if args.short_segment_variants:
         # The 10 s job (250 frames) with other encoder segment sizes: its encoder tail against file size.
         short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
         for k, seg in enumerate(int(v) for v in args.short_segment_variants.split(",") if v):
-            pipe.encoder_segment_frames = seg
-            try:
-                for preset in ["", args.fast_preset] if args.fast_preset else [""]:
-                    runs[f"short_segments_{seg}" + (f"_preset_{preset}" if preset else "") + f"_{k}"] = w1_run(
-                        pipe, video, short, boxes, out_dir, f"ss{seg}{preset}", batch_size=args.batch_size,
-                        **({"preset": preset} if preset else {}),
-                    )
-            finally:
-                pipe.encoder_segment_frames = None
-            save()
+            preset_runs(f"short_segments_{seg}_{k}", f"ss{seg}", short, encoder_segment_frames=seg)
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
-        pipe.overlap_masks = False
-        try:
-            runs["warm_masks_first"] = w1_run(pipe, video, audio, boxes, out_dir, "mf", batch_size=args.batch_size)
-            if args.fast_preset:
-                runs["warm_masks_first_preset_" + args.fast_preset] = w1_run(
-                    pipe, video, audio, boxes, out_dir, "mff", batch_size=args.batch_size, preset=args.fast_preset
-                )
-        finally:
-            pipe.overlap_masks = True
-        save()
+        preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
     if args.avatar_cache:
         # The same video twice through the avatar cache: the first job builds the entry (miss),
         # the second reuses boxes, latents and masks (hit). Once per preset of --cache-presets.
@@ -550,11 +538,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         compiled.disable(pipe.models)
         pipe.compiled = False
-        runs["warm_eager"] = w1_run(pipe, video, audio, boxes, out_dir, "eager", batch_size=args.batch_size)
-        if args.fast_preset:
-            runs["warm_eager_preset_" + args.fast_preset] = w1_run(
-                pipe, video, audio, boxes, out_dir, "eagerf", batch_size=args.batch_size, preset=args.fast_preset
-            )
+        preset_runs("warm_eager", "eager", audio)
         report["micro_eager"] = micro(pipe, batch)
         save()
     if args.compile and args.compile_channels_last and cuda:
@@ -569,11 +553,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             report["compile_channels_last_warmup_s"] = round(pipe.warmup(args.batch_size), 2)
             report["compile_channels_last_failure"] = compiled.failure(pipe.models)
             save()
-            runs["warm_compiled_channels_last"] = w1_run(pipe, video, audio, boxes, out_dir, "ccl", batch_size=args.batch_size)
-            if args.fast_preset:
-                runs["warm_compiled_channels_last_preset_" + args.fast_preset] = w1_run(
-                    pipe, video, audio, boxes, out_dir, "cclf", batch_size=args.batch_size, preset=args.fast_preset
-                )
+            preset_runs("warm_compiled_channels_last", "ccl", audio)
             report["micro_compiled_channels_last"] = micro(pipe, batch)
         finally:
             compiled.disable(pipe.models)
@@ -621,7 +601,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eager-compare", type=int, default=1, help="with --compile: also W1 warm and micro eager at the end (1/0)")
     p.add_argument("--compile-channels-last", type=int, default=0, help="with --compile: also compile channels-last weights afresh and run W1 warm (1/0)")
     p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
-    p.add_argument("--fast-preset-only-variants", type=int, default=0, help="encoder variants only with --fast-preset (1/0)")
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")

@@ -256,9 +256,9 @@ def _pad_rows(x: torch.Tensor, m: int) -> torch.Tensor:
     return torch.cat([x, x[-1:].expand(m - n, *x.shape[1:])]) if m > n else x
 
 
-def _target_batch(state: _State, n: int, batches: Any = "decode") -> Optional[int]:
-    """Compiled batch to run ``n`` rows at; None → run eagerly (frozen and nothing fits)."""
-    frozen = state.batches if batches == "decode" else batches
+def _target_batch(frozen: Optional[set[int]], n: int) -> Optional[int]:
+    """Compiled batch to run ``n`` rows at, given the frozen batch sizes (None: not frozen, any
+    shape compiles); None → run eagerly (frozen and nothing fits)."""
     if frozen is None or n in frozen:
         return n
     larger = [b for b in frozen if b > n]
@@ -296,7 +296,7 @@ def _wrap_unet(unet: nn.Module, state: _State) -> None:
         if not state.active:
             return eager_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
         n = int(sample.shape[0])
-        m = _target_batch(state, n)
+        m = _target_batch(state.batches, n)
         if m is None or args or any(v is not None for k, v in kwargs.items() if k != "return_dict"):
             # Unusual calls (extra conditioning) and unwarmed shapes run eagerly: no mid-job compile.
             with _eager_blocks(state):
@@ -331,7 +331,7 @@ def _wrap_vae(vae: nn.Module, state: _State) -> None:
         if not state.active or tiled:
             return eager_decode(z, return_dict=return_dict, generator=generator)
         n = int(z.shape[0])
-        m = _target_batch(state, n)
+        m = _target_batch(state.batches, n)
         if m is None:
             with _eager_blocks(state):
                 return eager_decode(z, return_dict=return_dict, generator=generator)
@@ -364,8 +364,7 @@ def _wrap_vae_encode(vae: nn.Module, state: _State) -> None:
         if not state.active or tiled:
             return eager_encode(x, return_dict=return_dict)
         n = int(x.shape[0])
-        frozen = state.encode_batches if state.batches is not None else None
-        m = _target_batch(state, n, frozen)
+        m = _target_batch(state.encode_batches if state.batches is not None else None, n)
         if m is None:
             with _eager_blocks(state):
                 return eager_encode(x, return_dict=return_dict)

@@ -602,7 +602,8 @@ class VideoWriter:
 
     ``write_i420(frames)`` queues uint8 ``[B, Hp*3//2, Wp]`` I420 frames (``colour.rgb_to_i420``;
     ``Hp``/``Wp`` the even-padded size); only when ``accepts_i420`` (H.264). Both write methods
-    copy what they queue: the caller may reuse its buffer as soon as they return.
+    copy what they queue, so the caller may reuse its buffer as soon as they return, except
+    ``write_i420(frames, copy=False)``, which hands the array over.
 
     Segment-parallel libx264 (``workers > 1``; ``None`` = ``MUSETALK_ENCODER_WORKERS`` or
     ``default_encoder_workers()``): consecutive runs of ``segment_frames`` frames (default
@@ -610,10 +611,11 @@ class VideoWriter:
     ``cpus // workers`` threads, starting with an IDR) on ``workers`` threads; the mux thread
     joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
-    join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are in flight. NVENC and the lossless
-    codecs always use one stream (``workers == 1``). ``expected_frames`` (a hint: how many frames
-    will be written) lets the last segments shrink (``segment_sizes``) so that the encoders finish
-    soon after the last frame instead of one whole segment later; more or fewer frames are fine.
+    join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are being
+    encoded. NVENC and the lossless codecs always use one stream (``workers == 1``).
+    ``expected_frames`` (a hint: how many frames will be written) lets the last segments shrink
+    (``segment_sizes``) so that the encoders finish soon after the last frame instead of one whole
+    segment later; more or fewer frames are fine.
     """
 
     def __init__(
@@ -818,7 +820,7 @@ class VideoWriter:
             self._queue_frame("rgb", frame.copy())
 
     def _queue_frame(self, kind: str, frame: np.ndarray) -> None:
-        """Hand one frame (already a private copy) to the encoder side."""
+        """Hand one frame (a private copy, or an array handed over) to the encoder side."""
         if self._segmented:
             self._seg_buf.append((kind, frame))
             if len(self._seg_buf) >= self._seg_target:
@@ -852,7 +854,7 @@ class VideoWriter:
         return max(min(full, MIN_TAIL_SEGMENT), min(full, -(-left // self.workers)))
 
     def _submit_segment(self) -> None:
-        """Give the buffered frames to a segment encoder; blocks while workers+1 segments are in flight."""
+        """Give the buffered frames to a segment encoder; blocks while ``segments_ahead`` are being encoded."""
         frames, start = self._seg_buf, self._seg_start
         self._seg_buf = []
         self._seg_start += len(frames)

@@ -265,9 +265,7 @@ class Pipeline:
         m = self.models
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
-        compiled.ensure_warm(
-            m, batch, decode_chunk=self._chunk(batch), encode_batch=2 * self._encode_batch(batch), timestep=self._timestep
-        )
+        self._ensure_compiled(batch, encoder=True)
         decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample, self._chunk(batch))
         enc = self._encode_batch(batch)
         crops = torch.zeros((enc, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
@@ -286,6 +284,14 @@ class Pipeline:
     def _chunk(self, batch: int) -> int:
         """Images per call of the VAE decoder / BiSeNet for a job batch of ``batch`` (see GPU_CHUNK)."""
         return min(batch, GPU_CHUNK) if self.device.type == "cuda" else batch
+
+    def _ensure_compiled(self, batch: int, *, encoder: bool) -> float:
+        """With compile on: the graphs for a job batch of ``batch`` (UNet, decoder chunks and, with
+        ``encoder``, the VAE encoder's calls), built or loaded once per process; 0 when off or warm."""
+        return compiled.ensure_warm(
+            self.models, batch, decode_chunk=self._chunk(batch),
+            encode_batch=2 * self._encode_batch(batch) if encoder else None, timestep=self._timestep,
+        )
 
     def _encode_batch(self, batch: int) -> int:
         """Crops per VAE-encode call (each call encodes masked + full, i.e. twice as many images)."""
@@ -423,10 +429,7 @@ class Pipeline:
             # generate loop, which waits only for the masks of the batch it composites ("blend").
             with st.stage("latents"):
                 # With compile on, the encoder's graphs are built (or loaded) here, once per process.
-                compiled.ensure_warm(
-                    self.models, batch, decode_chunk=self._chunk(batch),
-                    encode_batch=2 * self._encode_batch(batch), timestep=self._timestep,
-                )
+                self._ensure_compiled(batch, encoder=True)
                 latents = self._with_oom_retry(
                     lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b),
                     self._encode_batch(batch),
@@ -454,7 +457,7 @@ class Pipeline:
         )
 
     def _start_masks(
-        self, masks: "MaskStream", frames: np.ndarray, boxes: list[Optional[Box]], mode: str, options: EngineOptions, batch: int
+        self, masks: MaskStream, frames: np.ndarray, boxes: list[Optional[Box]], mode: str, options: EngineOptions, batch: int
     ) -> None:
         """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
         from .blending import prepare_masks
@@ -609,7 +612,7 @@ class Pipeline:
         plan = _Plan.build(prep, total, batch_size, self.device)
         # With compile on, the graphs for this batch are built (or loaded from the cache) here,
         # once, not inside the loop; a no-op when compile is off or already warm.
-        compile_s = compiled.ensure_warm(self.models, plan.batch, decode_chunk=self._chunk(plan.batch), timestep=self._timestep)
+        compile_s = self._ensure_compiled(plan.batch, encoder=False)  # a cache hit never runs the encoder
         frames_dev = self._frame_upload(prep.frames[: prep.n_used])
         timer = _GpuTimer(self.device)
         # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
