@@ -184,12 +184,14 @@ def micro(pipe: Any, batch: int) -> dict[str, Any]:
 
     m = pipe.models
     dev, dtype = pipe.device, pipe.dtype
-    lat = torch.randn(batch, 8, 32, 32, device=dev, dtype=dtype)
-    cond = torch.randn(batch, 50, 384, device=dev, dtype=dtype)
-    t0 = torch.zeros(1, dtype=torch.long, device=dev)
-    img = torch.randn(2 * batch, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
+    t0 = pipe._timestep  # the engine's own (made outside inference mode, as compile warm-up's)
     out: dict[str, Any] = {"batch": batch}
     with torch.inference_mode():
+        # Inputs made in inference mode, as the engine's are: dynamo guards on a tensor's
+        # inference flag, so tensors made outside it would run the frozen compiled models eagerly.
+        lat = torch.randn(batch, 8, 32, 32, device=dev, dtype=dtype)
+        cond = torch.randn(batch, 50, 384, device=dev, dtype=dtype)
+        img = torch.randn(2 * batch, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
         s = _cuda_time(lambda: m.unet(lat, t0, encoder_hidden_states=cond).sample)
         out["unet_ms_per_frame"] = round(s / batch * 1e3, 3)
         out["unet_tflops"] = round(GFLOP_UNET * batch / s / 1e3, 1)
@@ -340,14 +342,67 @@ def trimmed_audio(src: Path, dst: Path, seconds: float) -> Path:
     return dst
 
 
-def floors(run: dict[str, Any], ceil: dict[str, Any], mic: dict[str, Any]) -> dict[str, Any]:
-    """Each GPU stage against its FLOP floor at the measured fp16 matmul ceiling."""
+def op_floors(pipe: Any, batch: int) -> dict[str, Any]:
+    """Each model's op floor at the engine's call shapes (``bench/probes/gpu_floor.py``): every
+    conv/linear/attention timed alone with cuDNN's best algorithm and layout, summed."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench" / "probes"))
+    import gpu_floor
+
+    from musetalk_job.pipeline import GPU_CHUNK
+
+    m, dev, dtype = pipe.models, pipe.device, pipe.dtype
+    chunk, enc = min(batch, GPU_CHUNK), 2 * pipe._encode_batch(batch)
+    t0 = pipe._timestep
+    with torch.inference_mode():
+        lat = torch.randn(batch, 8, 32, 32, device=dev, dtype=dtype)
+        cond = torch.randn(batch, 50, 384, device=dev, dtype=dtype)
+        z = torch.randn(chunk, 4, 32, 32, device=dev, dtype=dtype)
+        img = torch.randn(enc, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
+    calls = {
+        "unet": (m.unet, lambda: m.unet(lat, t0, encoder_hidden_states=cond).sample, batch),
+        "vae_decode": (m.vae, lambda: m.vae.decode(z).sample, chunk),
+        "vae_encode": (m.vae, lambda: m.vae.encode(img).latent_dist.mean, enc),
+    }
+    prev = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        out = {k: gpu_floor.op_floor(k, model, fn, dev, dtype, n, None) for k, (model, fn, n) in calls.items()}
+    finally:
+        torch.backends.cudnn.benchmark = prev
+    for v in out.values():
+        v.pop("ops_by_floor_time", None)
+        v.pop("frames_per_call", None)
+    return out
+
+
+def floors(run: dict[str, Any], ceil: dict[str, Any], mic: dict[str, Any], ops: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each GPU stage against its FLOP floor at the measured fp16 matmul ceiling and, with
+    ``ops`` (``op_floors``), against the sum of its ops' own best times at the engine's shapes."""
     peak = ceil.get("matmul_fp16_8192_tflops") or ceil.get("matmul_bf16_8192_tflops")
     frames, faces = run["frames"], run["frames_with_face"]
     st = run["stage_seconds"]
     gen_floor = (GFLOP_UNET + GFLOP_VAE_DECODE) * frames / peak / 1e3
     enc_floor = GFLOP_VAE_ENCODE * faces / peak / 1e3
+    by_op: dict[str, Any] = {}
+    if ops:
+        gen_op = (ops["unet"]["op_floor_ms_per_frame"] + ops["vae_decode"]["op_floor_ms_per_frame"]) * frames / 1e3
+        lat_op = ops["vae_encode"]["op_floor_ms_per_frame"] * 2 * faces / 1e3  # masked + full crop
+        by_op = {
+            "generate_op_floor_s": round(gen_op, 3),
+            "generate_vs_op_floor": round(gen_op / st["generate"], 3) if st["generate"] else None,
+            "latents_op_floor_s": round(lat_op, 3),
+            "latents_vs_op_floor": round(lat_op / st["latents"], 3) if st["latents"] else None,
+            **{f"{k}_vs_op_floor": round(ops[m]["op_floor_ms_per_frame"] / mic[k], 3)
+               for k, m in (("unet_ms_per_frame", "unet"), ("vae_decode_chunk32_ms_per_frame", "vae_decode"))
+               if mic.get(k)},
+        }
+        enc_key = next((k for k in mic if k.startswith("vae_encode_calls") and k.endswith("_ms_per_input_frame")), None)
+        if enc_key:
+            by_op["vae_encode_calls_vs_op_floor"] = round(2 * ops["vae_encode"]["op_floor_ms_per_frame"] / mic[enc_key], 3)
     return {
+        **by_op,
         "ceiling_tflops": peak,
         "generate_floor_s": round(gen_floor, 3),
         "generate_s": st["generate"],
@@ -529,8 +584,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         runs["warm_channels_last"] = w1_run(pipe, video, audio, boxes, out_dir, "cl", batch_size=args.batch_size)
         pipe.use_channels_last(False)
         save()
+    if cuda and args.op_floor:
+        report["op_floor"] = op_floors(pipe, batch)
     if cuda and "ceilings" in report:
-        report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"])
+        report["floors"] = floors(runs["warm"], report["ceilings"], report["micro"], report.get("op_floor"))
     save()
     if args.compile and args.eager_compare:
         # The same build eager, in the same process: the compile before/after from one run.
@@ -605,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")
+    p.add_argument("--op-floor", type=int, default=1, help="time every model op alone at the engine's shapes (CUDA; 1/0)")
     p.add_argument("--only-cold-warm", action="store_true", help="skip the preset/channels-last extra runs")
     p.add_argument("--landmark-batches", type=int, nargs="+", default=[8, 32])
     p.add_argument("--commit", default=None)

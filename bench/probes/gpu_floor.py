@@ -18,7 +18,9 @@ decoder at ``--decode-chunk`` latents, the VAE encoder at ``--encode-batch`` ima
 - ``variants``: the models' real forward time per frame, eager and compiled
   (``musetalk_job.compiled``) in the variants named by ``--variants``: ``eager``, ``regional``,
   ``regional-nolayout`` (inductor's ``layout_optimization`` off: no NCHW↔NHWC conversion at each
-  region's edges), ``full``, ``full-nolayout``. Each compiled variant reports its compile seconds.
+  region's edges), ``full``, ``full-nolayout``, each optionally with ``+unetcl`` (the UNet's weights
+  channels-last). Each compiled variant reports its first call (compile) seconds; ``--profile``
+  adds the top GPU kernels per call of the variants it names (torch.profiler).
 
 Weights are random at the official sizes (``musetalk_job.models.random_weights``); speed does
 not depend on their values. Prints progress on stderr and writes one JSON object.
@@ -267,32 +269,69 @@ def model_calls(m: Models, dev: torch.device, dtype: torch.dtype, ub: int, dc: i
     }
 
 
-def run_variant(name: str, m: Models, dev: torch.device, dtype: torch.dtype, ub: int, dc: int, eb: int) -> dict[str, Any]:
+def profile_kernels(fn: Callable[[], Any], calls: int = 3, top: int = 30) -> list[dict[str, Any]]:
+    """The GPU kernels of ``calls`` calls of ``fn``, by device time per call (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append({"name": ev.key[:120], "count_per_call": ev.count / calls, "ms_per_call": dev_us / 1e3 / calls})
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    total = sum(r["ms_per_call"] for r in rows)
+    for r in rows:
+        r["ms_per_call"] = round(r["ms_per_call"], 4)
+        r["share"] = round(r["ms_per_call"] / total, 3) if total else None
+    return [{"total_ms_per_call": round(total, 3)}] + rows[:top]
+
+
+def run_variant(name: str, m: Models, dev: torch.device, dtype: torch.dtype, ub: int, dc: int, eb: int,
+                models: list[str], profile: bool = False) -> dict[str, Any]:
+    """``name``: eager | regional | regional-nolayout | full | full-nolayout, optionally suffixed
+    ``+unetcl`` (the UNet's weights in channels-last memory format)."""
     from musetalk_job import compiled
 
+    base, _, extra = name.partition("+")
     res: dict[str, Any] = {}
-    if name != "eager":
-        importlib.import_module("torch._dynamo").reset()
-        ic = importlib.import_module("torch._inductor.config")
-        mode = "full" if name.startswith("full") else "regional"
-        ic.layout_optimization = not name.endswith("nolayout")
-        if not compiled.enable(m, mode):
-            return {"error": compiled.failure(m) or "compile not available"}
-        res["compile_s"] = round(compiled.warmup(m, [ub], decode_chunk=dc, encode_batches=[eb]), 1)
+    if extra == "unetcl":
+        m.unet.to(memory_format=torch.channels_last)
+    ic = importlib.import_module("torch._inductor.config")
+    try:
+        if base != "eager":
+            importlib.import_module("torch._dynamo").reset()
+            ic.layout_optimization = not base.endswith("nolayout")
+            if not compiled.enable(m, "full" if base.startswith("full") else "regional"):
+                return {"error": compiled.failure(m) or "compile not available"}
+        calls = model_calls(m, dev, dtype, ub, dc, eb)
+        with torch.inference_mode():
+            for key in models:
+                fn, frames = calls[key]
+                if base.startswith("full") and key == "vae_encode":
+                    continue  # full mode leaves the encoder eager
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                if base != "eager":
+                    res[f"{key}_first_call_s"] = round(time.perf_counter() - t0, 1)
+                res[f"{key}_ms_per_frame"] = round(time_call(fn, dev) / frames * 1e3, 4)
+                if profile and dev.type == "cuda":
+                    res[f"{key}_kernels"] = profile_kernels(fn)
         if compiled.failure(m):
-            return {"error": compiled.failure(m), **res}
-    calls = model_calls(m, dev, dtype, ub, dc, eb)
-    with torch.inference_mode():
-        for key, (fn, frames) in calls.items():
-            if name.startswith("full") and key == "vae_encode":
-                continue  # full mode leaves the encoder eager
-            res[f"{key}_ms_per_frame"] = round(time_call(fn, dev) / frames * 1e3, 4)
-    if compiled.failure(m):
-        res["error"] = compiled.failure(m)
-    if name != "eager":
-        compiled.disable(m)
-        importlib.import_module("torch._inductor.config").layout_optimization = True
-    _log(f"variant {name}: {res}")
+            res["error"] = compiled.failure(m)
+    finally:
+        if base != "eager":
+            compiled.disable(m)
+            ic.layout_optimization = True
+        if extra == "unetcl":
+            m.unet.to(memory_format=torch.contiguous_format)
+    _log(f"variant {name}: { {k: v for k, v in res.items() if not k.endswith('_kernels')} }")
     return res
 
 
@@ -316,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encode-batch", type=int, default=32, help="images per encoder call (the engine: 2 x 16)")
     p.add_argument("--variants", default="eager,regional,regional-nolayout,full")
     p.add_argument("--no-floor", action="store_true")
+    p.add_argument("--models", default="unet,vae_decode,vae_encode", help="which models the variants time")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile (top kernels per call)")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
 
@@ -346,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     report["variants"] = {}
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
         try:
-            report["variants"][name] = run_variant(name, m, dev, dtype, args.unet_batch, args.decode_chunk, args.encode_batch)
+            report["variants"][name] = run_variant(name, m, dev, dtype, args.unet_batch, args.decode_chunk, args.encode_batch,
+                                                   [k.strip() for k in args.models.split(",") if k.strip()],
+                                                   profile=name in args.profile.split(","))
         except Exception as exc:  # report and go on with the next variant
             report["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             _log(f"variant {name} failed: {exc}")
