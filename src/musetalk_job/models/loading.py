@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelsError
-from . import fastio, layout
+from . import fastio, layout, lazy_packages
 from .bisenet import BiSeNet
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,7 @@ class _CudaWarmup:
 
 def _import_diffusers() -> tuple[Any, Any]:
     fastio.cache_package_map()  # diffusers scans every installed distribution while importing
+    lazy_packages.defer_diffusers()  # only the two model classes' modules, not every model's
     try:  # the submodules only (the top-level package resolves them lazily anyway)
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
