@@ -83,3 +83,44 @@ def test_cpu_profile_probe_accounts_cpu_per_thread(bench_dirs: dict[str, Path], 
     assert run["frames"] == 25 and cpu["job_cores_busy"] > 0
     assert cpu["cpu_s_by_thread"].get("MainThread", 0) > 0
     assert cpu["timeline_cores"] and all(len(p) == 2 for p in cpu["timeline_cores"])
+
+
+def test_gpu_floor_captures_every_op_of_a_compiled_model_and_prices_it() -> None:
+    """The op floor counts the same convs/linears/attentions whether the model is compiled or not
+    (compiled code calls no module hooks), and each op's FLOPs follow its shape."""
+    import importlib
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench" / "probes"))
+    try:
+        gpu_floor = importlib.import_module("gpu_floor")
+    finally:
+        sys.path.remove(str(ROOT / "bench" / "probes"))
+    from musetalk_job import compiled
+
+    cpu = torch.device("cpu")
+    m = gpu_floor.build_models("tiny", cpu, torch.float32)
+
+    def counts() -> dict[str, dict]:
+        with torch.inference_mode():
+            calls = gpu_floor.model_calls(m, cpu, torch.float32, 4, 2, 2)
+        return {k: gpu_floor.capture_ops(mod, calls[k][0]).counts for k, mod in (("unet", m.unet), ("vae_decode", m.vae))}
+
+    eager = counts()
+    assert compiled.enable(m, "regional", backend="eager")
+    try:
+        compiled.warmup(m, [4], decode_chunk=2)
+        assert counts() == eager
+    finally:
+        compiled.disable(m)
+        torch._dynamo.reset()
+    kinds = {key.kind for key in eager["unet"]}
+    assert kinds == {"conv", "linear", "sdpa"}
+    conv = gpu_floor.OpKey("conv", ((2, 4, 8, 8), 6, (3, 3), (1, 1), (1, 1), 1, True))
+    assert gpu_floor.op_flops(conv) == 2 * 2 * 8 * 8 * 6 * 4 * 9
+    attn = gpu_floor.OpKey("sdpa", ((2, 3, 16, 8), (2, 3, 5, 8), (2, 3, 5, 8), True, False))
+    assert gpu_floor.op_flops(attn) == 2 * (2 * 2 * 3 * 16 * 5 * 8)
+    floor = gpu_floor.op_floor("vae_decode", m.vae, lambda: m.vae.decode(torch.randn(2, 4, 32, 32)).sample, cpu,
+                               torch.float32, 2, None)
+    assert floor["op_floor_ms_per_frame"] > 0 and floor["distinct_ops"] == len(eager["vae_decode"])

@@ -29,6 +29,7 @@ not depend on their values. Prints progress on stderr and writes one JSON object
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -133,10 +134,19 @@ def capture_ops(model: nn.Module, run: Callable[[], Any]) -> Capture:
         return real_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
 
     F.scaled_dot_product_attention = sdpa  # diffusers' AttnProcessor2_0 looks it up on F at call time
+    # Compiled code calls no module hooks: capture eagerly (regional blocks: their compiled call
+    # set aside; whole-model graphs: dynamo's force_eager stance).
+    regions = [(mod, mod._compiled_call_impl) for mod in model.modules() if getattr(mod, "_compiled_call_impl", None) is not None]
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    stance = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
-        with torch.inference_mode():
+        for mod, _ in regions:
+            mod._compiled_call_impl = None
+        with torch.inference_mode(), stance:
             run()
     finally:
+        for mod, impl in regions:
+            mod._compiled_call_impl = impl
         F.scaled_dot_product_attention = real_sdpa
         for h in hooks:
             h.remove()
