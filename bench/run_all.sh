@@ -3,8 +3,8 @@
 #   bash bench/run_all.sh OUT_DIR [main|compile|cold|all]
 # main   : bench.py (W1 cold/warm/baseline/presets, avatar cache, memory per batch, micro, landmarks)
 #          and encoder_bench.py (CPU encoder alone)
-# compile: every W1 run compiled, then eager in the same process (bench.py --compile; run 21's command)
-#          and compile_bench.py (models alone)
+# compile: every W1 run compiled, then eager in the same process (bench.py --compile; run 21's command),
+#          compile_bench.py (models alone) and probes/gpu_floor.py (op floors, compile variants per model)
 # cold   : cold_start.py (page cache dropped before every run; needs root)
 # Each part writes <name>.json and <name>.log; a failing part does not stop the others.
 set -u
@@ -34,6 +34,8 @@ if [[ $part == compile || $part == all ]]; then
     --channels-last 0 --cudnn-compare 0 --encoder-micro 0 --landmark-batches 4 >"$out/bench_compiled.log" 2>&1
   echo "== bench --compile: exit $?" >&2
   step compile "$py" "$here/compile_bench.py" --models "$models" --budget-s "${MUSETALK_BENCH_COMPILE_BUDGET:-180}"
+  "$py" "$here/probes/gpu_floor.py" --out "$out/gpu_floor.json" >"$out/gpu_floor.log" 2>&1
+  echo "== gpu_floor: exit $?" >&2
 fi
 if [[ $part == cold || $part == all ]]; then
   step cold_start "$py" "$here/cold_start.py" --models-dir "$models" --convert --repeats 3 --drop-caches
