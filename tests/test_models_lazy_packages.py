@@ -103,3 +103,40 @@ def test_the_engine_imports_only_its_diffusers_models_and_the_rest_still_works()
     assert full["unet_1d"] and full["autoencoder_tiny"]
     assert deferred["modules"] < full["modules"]
     assert deferred["later_imports_ok"] and full["later_imports_ok"]
+
+
+def test_models_load_and_compile_with_the_packages_deferred(tiny_models_dir: Path) -> None:
+    """A fresh process loads the engine's models with the packages deferred, dynamo traces them
+    (regional, eager backend) with the same output, and the packages stay deferred throughout."""
+    code = textwrap.dedent(f"""
+        import json, sys, torch
+        from musetalk_job import compiled
+        from musetalk_job.models import lazy_packages
+        from musetalk_job.models.loading import MuseTalkModels
+
+        def deferred():
+            return [n for n in lazy_packages.DIFFUSERS_PACKAGES
+                    if isinstance(sys.modules.get(n), lazy_packages.DeferredPackage)
+                    and not sys.modules[n].__dict__.get("_musetalk_init_ran")]
+
+        m = MuseTalkModels.load({str(tiny_models_dir)!r}, version="v15", device="cpu", dtype=torch.float32)
+        after_load = deferred()
+        ts = torch.zeros(1, dtype=torch.long)
+        with torch.inference_mode():
+            lat, cond = torch.randn(2, 8, 32, 32), torch.randn(2, 50, 384)
+            ref = m.unet(lat, ts, encoder_hidden_states=cond).sample
+        assert compiled.enable(m, "regional", backend="eager")
+        compiled.warmup(m, [2], decode_chunk=2)
+        with torch.inference_mode():
+            out = m.unet(lat.clone(), ts, encoder_hidden_states=cond.clone()).sample
+        print(json.dumps({{"after_load": after_load, "after_compile": deferred(),
+                          "failure": compiled.failure(m), "diff": float((out - ref).abs().max())}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != lazy_packages.ENV}
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["after_load"] == list(lazy_packages.DIFFUSERS_PACKAGES)
+    assert res["after_compile"] == list(lazy_packages.DIFFUSERS_PACKAGES)
+    assert res["failure"] is None and res["diff"] <= 1e-5
