@@ -51,6 +51,9 @@ def test_submodule_import_skips_the_init_until_a_name_is_looked_up(pkg: str) -> 
     assert f"{pkg}.heavy" not in sys.modules
     package = sys.modules[pkg]
     assert isinstance(package, lazy_packages.DeferredPackage)
+    from deferpkg.sub import light as light_again  # noqa: PLC0415 - a submodule: no __init__ needed
+
+    assert light_again is light and getattr(builtins, "DEFER_INIT_RUNS", 0) == 0
     # The first missing name runs the real __init__, once; then the package is complete.
     from deferpkg.sub import Heavy  # noqa: PLC0415
 
@@ -140,3 +143,23 @@ def test_models_load_and_compile_with_the_packages_deferred(tiny_models_dir: Pat
     assert res["after_load"] == list(lazy_packages.DIFFUSERS_PACKAGES)
     assert res["after_compile"] == list(lazy_packages.DIFFUSERS_PACKAGES)
     assert res["failure"] is None and res["diff"] <= 1e-5
+
+
+def test_an_init_that_fails_raises_its_error_on_every_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "brokenpkg" / "sub"
+    root.mkdir(parents=True)
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("import no_such_dependency_here\n")
+    (root / "fine.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert lazy_packages.defer_init("brokenpkg.sub")
+        from brokenpkg.sub import fine  # noqa: PLC0415 - the submodule needs no __init__
+
+        assert fine.VALUE == 1
+        for _ in range(2):
+            with pytest.raises(ModuleNotFoundError, match="no_such_dependency_here"):
+                sys.modules["brokenpkg.sub"].Other
+    finally:
+        for name in [n for n in sys.modules if n.startswith("brokenpkg")]:
+            del sys.modules[name]

@@ -7,19 +7,25 @@ Contract:
   ``__file__`` whose ``__init__.py`` has not run. ``import name.sub`` then loads only ``sub`` (and
   what ``sub`` imports). The first lookup of a name the package does not have yet
   (``name.UNet1DModel``, ``from name import X``) runs the real ``__init__.py`` in that module, once,
-  so the package behaves exactly as if it had been imported normally, only later.
+  so the package behaves exactly as if it had been imported normally, only later. A lookup of a
+  name that is one of its submodules (``from name import sub``) imports just that submodule.
   Returns False, changing nothing, when ``name`` is imported already or cannot be found.
 - ``DIFFUSERS_PACKAGES``: the packages ``models.loading`` defers before importing the UNet and
   the VAE. ``diffusers/models/unets/__init__.py`` imports all of diffusers' UNets, and through their
   blocks ``diffusers.models.transformers`` imports all ~80 transformer models (and through LoRA
   loaders ``scipy``); ``autoencoders`` imports ~20 autoencoders. The engine uses two classes.
   Measured on the 2-core dev box: importing UNet2DConditionModel + AutoencoderKL + WhisperEncoder
-  after ``torch`` 3.3 s → 2.8 s, 138 fewer modules (bench/README.md, "Cold start").
+  after ``torch`` 3.39 s → 2.65 s, 138 fewer modules; on the H200 VM ``import_diffusers`` 7.54 →
+  6.39 s with a dropped page cache (bench/README.md, "Runs 23–26").
+- An error raised by the real ``__init__`` (a missing optional dependency) propagates from the
+  lookup that ran it, and the next lookup runs it again (and raises again).
 - ``MUSETALK_DEFER_IMPORTS=0`` turns the deferral off (the packages import in full, as before).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -40,10 +46,18 @@ class DeferredPackage(types.ModuleType):
         d = self.__dict__
         if name.startswith("__") or d.get("_musetalk_init_ran"):
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        submodule = f"{self.__name__}.{name}"
+        if importlib.machinery.PathFinder.find_spec(submodule, d["__path__"]) is not None:
+            # ``from package import submodule`` looks the name up first: import just that one
+            return importlib.import_module(submodule)
         with _LOCK:
             if not d.get("_musetalk_init_ran"):
                 d["_musetalk_init_ran"] = True  # before running: a lookup from inside it must not recurse
-                d["__spec__"].loader.exec_module(self)
+                try:
+                    d["__spec__"].loader.exec_module(self)
+                except BaseException:
+                    d["_musetalk_init_ran"] = False  # the next lookup raises the same error again
+                    raise
         try:
             return d[name]
         except KeyError:
