@@ -124,3 +124,25 @@ def test_gpu_floor_captures_every_op_of_a_compiled_model_and_prices_it() -> None
     floor = gpu_floor.op_floor("vae_decode", m.vae, lambda: m.vae.decode(torch.randn(2, 4, 32, 32)).sample, cpu,
                                torch.float32, 2, None)
     assert floor["op_floor_ms_per_frame"] > 0 and floor["distinct_ops"] == len(eager["vae_decode"])
+
+
+def test_gpu_timeline_busy_idle_and_streams_from_a_trace() -> None:
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "bench" / "probes"))
+    try:
+        tl = importlib.import_module("gpu_timeline")
+    finally:
+        sys.path.remove(str(ROOT / "bench" / "probes"))
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "conv", "ts": 0, "dur": 100, "args": {"stream": 7}},
+        {"ph": "X", "cat": "kernel", "name": "conv", "ts": 50, "dur": 100, "args": {"stream": 13}},  # overlaps
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1150, "dur": 50, "args": {"stream": 7}},  # 1 ms gap
+        {"ph": "X", "cat": "cpu_op", "name": "aten::conv2d", "ts": 0, "dur": 5000},  # host side: not counted
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 1205, "dur": 5, "args": {"stream": 7}},  # 5 us gap
+    ]}
+    s = tl.summarize(tl.kernel_events(trace))
+    assert s["window_s"] == 0.00121 and s["busy_s"] == 0.000205 and s["idle_s"] == 0.001005
+    assert s["idle_gaps_count"]["1-10ms"] == 1 and s["idle_gaps_count"]["<10us"] == 1
+    assert s["streams"]["7"]["events"] == 3 and s["streams"]["13"]["seconds"] == 0.0001
+    assert s["top_kernels"][0] == {"name": "conv", "calls": 2, "seconds": 0.0002}

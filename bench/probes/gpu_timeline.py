@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Where the GPU's time goes during one W1 job: busy, idle, and per CUDA stream.
+
+    python bench/probes/gpu_timeline.py --out timeline.json [--compile regional] [--preset veryfast]
+
+Writes full-size random weights when missing (as ``bench.py``), loads the pipeline, compiles it
+when asked, runs W1 once to warm up, then runs it again under ``torch.profiler`` and reads the
+kernel events of its Chrome trace:
+
+- ``window``: from the first to the last GPU kernel of the job; ``busy_s`` is the union of every
+  kernel's interval (any stream), ``idle_s`` the rest; ``idle_gaps`` counts the gaps by length.
+- ``streams``: kernel seconds and kernel count per stream (the engine's main stream, the blend
+  masks' side stream, the colour conversion's), with each stream's first and last kernel.
+- ``top_kernels``: the kernels with the most device time (name, calls, seconds).
+
+The profiler slows the host side a little; the figures are about the GPU's occupancy, not the
+job's wall time (``wall_s`` is reported for reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def kernel_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+
+
+def union_busy(intervals: list[tuple[float, float]]) -> tuple[float, list[float]]:
+    """Total covered length of ``intervals`` (µs) and the gaps between covered runs."""
+    busy = 0.0
+    gaps: list[float] = []
+    end = None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            if end is not None:
+                gaps.append(a - end)
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy, gaps
+
+
+def summarize(events: list[dict[str, Any]], top: int = 25) -> dict[str, Any]:
+    if not events:
+        return {"error": "no GPU events in the trace"}
+    iv = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events]
+    t0, t1 = min(a for a, _ in iv), max(b for _, b in iv)
+    busy, gaps = union_busy(iv)
+    per_stream: dict[str, dict[str, float]] = defaultdict(lambda: {"seconds": 0.0, "events": 0, "first_s": 1e18, "last_s": 0.0})
+    per_name: dict[str, dict[str, float]] = defaultdict(lambda: {"seconds": 0.0, "calls": 0})
+    for e in events:
+        args = e.get("args") or {}
+        s = per_stream[str(args.get("stream", e.get("tid")))]
+        s["seconds"] += float(e.get("dur", 0)) / 1e6
+        s["events"] += 1
+        s["first_s"] = min(s["first_s"], (float(e["ts"]) - t0) / 1e6)
+        s["last_s"] = max(s["last_s"], (float(e["ts"]) + float(e.get("dur", 0)) - t0) / 1e6)
+        n = per_name[str(e.get("name", "?"))[:100]]
+        n["seconds"] += float(e.get("dur", 0)) / 1e6
+        n["calls"] += 1
+    buckets = {"<10us": 0.0, "10-100us": 0.0, "0.1-1ms": 0.0, "1-10ms": 0.0, ">=10ms": 0.0}
+    counts = dict.fromkeys(buckets, 0)
+    for g in gaps:
+        key = "<10us" if g < 10 else "10-100us" if g < 100 else "0.1-1ms" if g < 1000 else "1-10ms" if g < 10000 else ">=10ms"
+        buckets[key] += g / 1e6
+        counts[key] += 1
+    names = sorted(per_name.items(), key=lambda kv: -kv[1]["seconds"])[:top]
+    return {
+        "window_s": round((t1 - t0) / 1e6, 6),
+        "busy_s": round(busy / 1e6, 6),
+        "idle_s": round((t1 - t0 - busy) / 1e6, 6),
+        "idle_gaps_seconds": {k: round(v, 4) for k, v in buckets.items()},
+        "idle_gaps_count": counts,
+        "streams": {k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in per_stream.items()},
+        "top_kernels": [{"name": k, "calls": int(v["calls"]), "seconds": round(v["seconds"], 4)} for k, v in names],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--media", type=Path, default=ROOT / ".bench" / "media")
+    p.add_argument("--models", type=Path, default=Path("/tmp/musetalk-bench-models"))
+    p.add_argument("--compile", default="", help="regional|full (default: eager)")
+    p.add_argument("--preset", default="veryfast")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--audio-seconds", type=float, default=None)
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import bench as B
+    from musetalk_job.models.random_weights import write_random_weights
+    from musetalk_job.pipeline import Pipeline
+
+    B.make_media(args.media) if not (args.media / B.VIDEO_NAME).exists() else None
+    video, audio, boxes = args.media / B.VIDEO_NAME, args.media / B.AUDIO_NAME, args.media / B.BOXES_NAME
+    work = Path(tempfile.mkdtemp(prefix="gpu-timeline-"))
+    if args.audio_seconds:
+        audio = B.trimmed_audio(audio, work / "speech.wav", args.audio_seconds)
+    if not (args.models / "musetalkV15" / "unet.pth").exists():
+        write_random_weights(args.models, size=args.size, version="v15", seed=0)
+    cuda = args.device.startswith("cuda")
+    pipe = Pipeline.from_models_dir(args.models, device=args.device, dtype="fp16" if cuda else None, version="v15")
+    pipe.warmup()
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compile": args.compile or "eager",
+                              "preset": args.preset, "torch": torch.__version__,
+                              "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
+    if args.compile:
+        from musetalk_job import compiled
+
+        pipe.compiled = compiled.enable(pipe.models, mode=args.compile)
+        report["compile_warmup_s"] = round(pipe.warmup(), 1)
+    B.w1_run(pipe, video, audio, boxes, work, "warm-up", preset=args.preset)
+    report["plain_run"] = B.w1_run(pipe, video, audio, boxes, work, "plain", preset=args.preset)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run = B.w1_run(pipe, video, audio, boxes, work, "profiled", preset=args.preset)
+    report["profiled_run"] = {k: run[k] for k in ("wall_s", "output_fps", "stage_seconds", "detail")}
+    trace_path = work / "trace.json"
+    prof.export_chrome_trace(str(trace_path))
+    trace = json.loads(trace_path.read_text())
+    report["timeline"] = summarize(kernel_events(trace))
+    args.out.write_text(json.dumps(report, indent=1))
+    tl = report["timeline"]
+    print(f"window {tl.get('window_s')} s, busy {tl.get('busy_s')} s, idle {tl.get('idle_s')} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
