@@ -465,3 +465,49 @@ def test_the_hot_loop_runs_the_compiled_graphs(pipe, face_video, speech_wav, box
     # every compiled block of every UNet and decoder call went through a graph (none ran eagerly)
     assert graph_calls["n"] >= forward_calls["unet"] * unet_blocks + forward_calls["decoder"] * decoder_blocks
     np.testing.assert_array_equal(_read(result.output), _read(reference.output))
+
+
+@pytest.mark.parametrize("n", [1, 16, 37])
+def test_frame_upload_copies_every_frame_in_chunks(n: int) -> None:
+    from musetalk_job.pipeline import FrameUpload
+
+    frames = np.random.default_rng(n).integers(0, 256, (n, 24, 32, 3), dtype=np.uint8)
+    up = FrameUpload(frames, torch.device("cpu"))
+    got = up.result()
+    assert up.frames_count == n
+    np.testing.assert_array_equal(got.numpy(), frames)
+
+
+def test_frame_upload_reports_its_error_and_stops_when_closed() -> None:
+    from musetalk_job.pipeline import FrameUpload
+
+    frames = np.zeros((20, 8, 8, 3), dtype=np.uint8)
+    reversed_view = frames[::-1]  # negative strides: torch.from_numpy refuses them
+    with pytest.raises(ValueError, match="negative"):
+        FrameUpload(reversed_view, torch.device("cpu")).result()
+    up = FrameUpload(np.zeros((4000, 8, 8, 3), dtype=np.uint8), torch.device("cpu"))
+    up.close()
+    try:
+        up.result()  # either it finished before the stop or it says it was stopped
+    except RuntimeError as exc:
+        assert "stopped" in str(exc)
+
+
+def test_run_with_the_frames_uploaded_in_the_background_gives_the_same_video(
+    pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch
+) -> None:
+    from musetalk_job.pipeline import FrameUpload
+
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.6)
+    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
+    reference = pipe.run(face_video, short, tmp_path / "ref.mkv", opts)
+    started: list[FrameUpload] = []
+
+    def start(frames: np.ndarray) -> FrameUpload:  # what CUDA does, on the CPU
+        started.append(FrameUpload(frames, pipe.device))
+        return started[-1]
+
+    monkeypatch.setattr(pipe, "_start_frame_upload", start)
+    result = pipe.run(face_video, short, tmp_path / "up.mkv", opts)
+    assert len(started) == 1 and started[0].frames_count == 15  # 0.6 s at 25 fps: 15 input frames used
+    np.testing.assert_array_equal(_read(result.output), _read(reference.output))
