@@ -205,9 +205,6 @@ class Pipeline:
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
-        # run() copies the used input frames to the device in the background while it prepares
-        # (FrameUpload); False copies them when generating starts (benchmarks' before/after).
-        self.early_upload = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
 
@@ -316,15 +313,6 @@ class Pipeline:
 
                 self._detectors[backend] = load_detector(backend, self.models_dir, self.device)
             return self._detectors[backend]
-
-    def _start_frame_upload(self, frames: np.ndarray) -> Optional[FrameUpload]:
-        """``FrameUpload`` of ``frames`` (CUDA, when ``early_upload`` and memory allow), else None."""
-        if not self.early_upload or self.device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if frames.nbytes > 0.25 * free:
-            return None
-        return FrameUpload(frames, self.device)
 
     def _frame_upload(self, frames: np.ndarray) -> Optional[torch.Tensor]:
         """The distinct input frames as one uint8 tensor on the device, when memory allows."""
@@ -617,20 +605,15 @@ class Pipeline:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[threading.Event] = None,
         stages: Optional[_Stages] = None,
-        frame_upload: Optional[FrameUpload] = None,
     ) -> int:
-        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used.
-        ``frame_upload``: the frames ``prep`` uses, already on their way to the device."""
+        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used."""
         st = stages or _Stages(self.device)
         total = int(audio.shape[0])
         plan = _Plan.build(prep, total, batch_size, self.device)
         # With compile on, the graphs for this batch are built (or loaded from the cache) here,
         # once, not inside the loop; a no-op when compile is off or already warm.
         compile_s = self._ensure_compiled(plan.batch, encoder=False)  # a cache hit never runs the encoder
-        if frame_upload is not None and frame_upload.frames_count == prep.n_used:
-            frames_dev = frame_upload.result()
-        else:
-            frames_dev = self._frame_upload(prep.frames[: prep.n_used])
+        frames_dev = self._frame_upload(prep.frames[: prep.n_used])
         timer = _GpuTimer(self.device)
         # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
         # host, and no per-frame swscale on the CPU (colour.rgb_to_i420 matches it, see its tests).
@@ -739,18 +722,12 @@ class Pipeline:
                 progress("decode", 1, 1)
             _check_cancel(cancel)
 
-            upload = self._start_frame_upload(frames[: used_input_frames(num_out, frames.shape[0])])
+            prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
             try:
-                prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
-                try:
-                    result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options,
-                                          progress, cancel, st, upload)
-                finally:
-                    if isinstance(prep.masks, MaskStream):
-                        prep.masks.close()  # stops the mask thread if the job ended before it did
+                result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st)
             finally:
-                if upload is not None:
-                    upload.close()
+                if isinstance(prep.masks, MaskStream):
+                    prep.masks.close()  # stops the mask thread if the job ended before it did
             if remember is not None:
                 remember()  # the avatar cache entry, now that every mask is made
             return result
@@ -769,7 +746,6 @@ class Pipeline:
         progress: Optional[ProgressFn],
         cancel: Optional[threading.Event],
         st: _Stages,
-        upload: Optional[FrameUpload] = None,
     ) -> Result:
         """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``."""
         from .media import VideoWriter
@@ -797,8 +773,7 @@ class Pipeline:
             except Exception as exc:
                 raise EngineRuntimeError(f"could not start the video encoder for {output.name}: {exc}") from exc
             try:
-                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st,
-                                      frame_upload=upload)
+                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st)
                 if progress is not None:
                     progress("blend", len(prep.masks), len(prep.masks))
                 t = time.perf_counter()
@@ -887,68 +862,6 @@ class Pipeline:
 def _bucket(n: int, batch: int) -> int:
     """The padded batch for ``n`` items: the next power of two, or ``batch`` when that is smaller."""
     return min(max(batch, n), 1 << (n - 1).bit_length())
-
-
-class FrameUpload:
-    """The distinct input frames copied to the device in the background while ``prepare`` runs.
-
-    A thread copies ``frames`` chunk by chunk through two pinned staging buffers (CUDA) into one
-    uint8 device tensor, on its own stream, so the copy overlaps landmarks, crops and the VAE
-    encoder instead of blocking the generate loop's start (a pageable 720p × 250-frame copy holds
-    the main thread ~0.15 s). ``result()`` waits for it and returns the tensor, or re-raises the
-    thread's error; ``close()`` stops it (a job that ends before generating). On the CPU the same
-    thread copies into a host tensor (what the tests exercise)."""
-
-    CHUNK = 16
-
-    def __init__(self, frames: np.ndarray, device: torch.device) -> None:
-        self.frames_count = int(frames.shape[0])
-        self._cuda = device.type == "cuda"
-        self.tensor = torch.empty(frames.shape, dtype=torch.uint8, device=device)
-        self._stream = torch.cuda.Stream(device) if self._cuda else None
-        if self._stream is not None:
-            # The new tensor's memory may have been freed by work still queued on this stream.
-            self._stream.wait_stream(torch.cuda.current_stream(device))
-        self._stop = threading.Event()
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(frames,), name="frame-upload", daemon=True)
-        self._thread.start()
-
-    def _run(self, frames: np.ndarray) -> None:
-        try:
-            n = self.frames_count
-            step = min(self.CHUNK, n)
-            bufs = [torch.empty((step, *frames.shape[1:]), dtype=torch.uint8, pin_memory=self._cuda) for _ in range(2)]
-            copied: list[Optional[torch.cuda.Event]] = [None, None]
-            ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-            with torch.inference_mode(), ctx:
-                for i, a in enumerate(range(0, n, step)):
-                    if self._stop.is_set():
-                        return
-                    b, k = min(n, a + step), i % 2
-                    if copied[k] is not None:
-                        copied[k].synchronize()  # the staging buffer's previous copy is done
-                    buf = bufs[k][: b - a]
-                    buf.copy_(torch.from_numpy(frames[a:b]))
-                    self.tensor[a:b].copy_(buf, non_blocking=self._cuda)
-                    if self._stream is not None:
-                        copied[k] = torch.cuda.Event()
-                        copied[k].record(self._stream)
-            if self._stream is not None:
-                self._stream.synchronize()  # the staging buffers outlive their copies
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-            self._error = exc
-
-    def result(self) -> torch.Tensor:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._stop.is_set():
-            raise RuntimeError("frame upload was stopped")
-        return self.tensor
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 @dataclass
