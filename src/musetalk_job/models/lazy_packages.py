@@ -16,7 +16,7 @@ Contract:
   loaders ``scipy``); ``autoencoders`` imports ~20 autoencoders. The engine uses two classes.
   Measured on the 2-core dev box: importing UNet2DConditionModel + AutoencoderKL + WhisperEncoder
   after ``torch`` 3.39 s → 2.65 s, 138 fewer modules; on the H200 VM ``import_diffusers`` 7.54 →
-  6.39 s with a dropped page cache (bench/README.md, "Runs 23–26").
+  6.39 s with a dropped page cache (bench/README.md, "Runs 23–28").
 - An error raised by the real ``__init__`` (a missing optional dependency) propagates from the
   lookup that ran it, and the next lookup runs it again (and raises again).
 - ``MUSETALK_DEFER_IMPORTS=0`` turns the deferral off (the packages import in full, as before).
