@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import platform
 import subprocess
@@ -301,6 +300,28 @@ def encoder_micro(frames: np.ndarray, work: Path) -> dict[str, Any]:
     return out
 
 
+def probe_pipeline(
+    models: Path, media: Path, *, device: str = "cuda", size: str = "full", compile_mode: str = ""
+) -> tuple[Any, tuple[Path, Path, Path], dict[str, Any]]:
+    """What the probes (``bench/probes/``) start from: the W1 media (made when missing), random
+    weights written when missing, the pipeline loaded, compiled when ``compile_mode`` is given and
+    warmed up once (compiling at the job batch). Returns the pipeline, (video, audio, boxes) and
+    ``{"compile", "warmup_s"}``."""
+    from musetalk_job.models.random_weights import write_random_weights
+    from musetalk_job.pipeline import Pipeline
+
+    make_media(media)
+    if not (models / "musetalkV15" / "unet.pth").exists():
+        write_random_weights(models, size=size, version="v15", seed=0)
+    pipe = Pipeline.from_models_dir(models, device=device, dtype="fp16" if device.startswith("cuda") else None, version="v15")
+    if compile_mode:
+        from musetalk_job import compiled
+
+        pipe.compiled = compiled.enable(pipe.models, mode=compile_mode)
+    info = {"compile": compile_mode or "eager", "warmup_s": round(pipe.warmup(), 2)}
+    return pipe, (media / VIDEO_NAME, media / AUDIO_NAME, media / BOXES_NAME), info
+
+
 def w1_run(pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: Path, label: str, **opts: Any) -> dict[str, Any]:
     import torch
 
@@ -353,22 +374,12 @@ def op_floors(pipe: Any, batch: int) -> dict[str, Any]:
     from musetalk_job.pipeline import GPU_CHUNK
 
     m, dev, dtype = pipe.models, pipe.device, pipe.dtype
-    chunk, enc = min(batch, GPU_CHUNK), 2 * pipe._encode_batch(batch)
-    t0 = pipe._timestep
-    with torch.inference_mode():
-        lat = torch.randn(batch, 8, 32, 32, device=dev, dtype=dtype)
-        cond = torch.randn(batch, 50, 384, device=dev, dtype=dtype)
-        z = torch.randn(chunk, 4, 32, 32, device=dev, dtype=dtype)
-        img = torch.randn(enc, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
-    calls = {
-        "unet": (m.unet, lambda: m.unet(lat, t0, encoder_hidden_states=cond).sample, batch),
-        "vae_decode": (m.vae, lambda: m.vae.decode(z).sample, chunk),
-        "vae_encode": (m.vae, lambda: m.vae.encode(img).latent_dist.mean, enc),
-    }
+    calls = gpu_floor.model_calls(m, dev, dtype, batch, min(batch, GPU_CHUNK), 2 * pipe._encode_batch(batch))
+    models = {"unet": m.unet, "vae_decode": m.vae, "vae_encode": m.vae}
     prev = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        out = {k: gpu_floor.op_floor(k, model, fn, dev, dtype, n, None) for k, (model, fn, n) in calls.items()}
+        out = {k: gpu_floor.op_floor(k, models[k], fn, dev, dtype, n, None) for k, (fn, n) in calls.items()}
     finally:
         torch.backends.cudnn.benchmark = prev
     for v in out.values():

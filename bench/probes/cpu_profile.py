@@ -99,28 +99,17 @@ def main() -> int:
     ap.add_argument("--spy-dir", type=Path, default=Path("."))
     args = ap.parse_args()
 
-    import bench as b  # bench/bench.py: media, random weights, W1 run
+    import bench as b  # bench/bench.py: media, random weights, pipeline, W1 run
     import torch
 
-    from musetalk_job.models.random_weights import write_random_weights
-    from musetalk_job.pipeline import Pipeline
-
     args.work.mkdir(parents=True, exist_ok=True)
-    b.make_media(args.media)
-    video, audio, boxes = args.media / b.VIDEO_NAME, args.media / b.AUDIO_NAME, args.media / b.BOXES_NAME
-    models = Path(args.models)
     cuda = args.device == "cuda"
-    if not (models / "musetalkV15" / "unet.pth").exists():
-        write_random_weights(models, size="full" if cuda else "tiny", version="v15", seed=0)
+    pipe, (video, audio, boxes), info = b.probe_pipeline(
+        Path(args.models), args.media, device=args.device, size="full" if cuda else "tiny", compile_mode=args.compile
+    )
     if not cuda:
         audio = b.trimmed_audio(audio, args.work / "speech_1s.wav", 1.0)
-    pipe = Pipeline.from_models_dir(models, device=args.device, dtype="fp16" if cuda else None, version="v15")
-    report: dict = {"cpus": os.cpu_count(), "compile": args.compile, "runs": {}}
-    if args.compile:
-        from musetalk_job import compiled
-
-        pipe.compiled = compiled.enable(pipe.models, mode=args.compile)
-    report["warmup_s"] = round(pipe.warmup(), 2)
+    report: dict = {"cpus": os.cpu_count(), "compile": args.compile, "runs": {}, "warmup_s": info["warmup_s"]}
     b.w1_run(pipe, video, audio, boxes, args.work, "pre")
     for preset in args.presets:
         spy = None

@@ -212,10 +212,11 @@ def op_floor(name: str, model: nn.Module, run: Callable[[], Any], dev: torch.dev
         agg["calls"] += count
         agg["gflop"] += count * flop / 1e9
         agg["floor_s"] += count * t["best_s"]
-        rows.append({"kind": key.kind, "shape": json.loads(json.dumps(key.shape)), "count": count,
-                     "gflop": round(flop / 1e9, 3), **{k: round(v * 1e3, 4) for k, v in t.items()},
-                     "best_tflops": round(flop / t["best_s"] / 1e12, 1)})
-    rows.sort(key=lambda r: -r["count"] * r["best_s"])
+        rows.append((count * t["best_s"], {
+            "kind": key.kind, "shape": json.loads(json.dumps(key.shape)), "count": count, "gflop": round(flop / 1e9, 3),
+            **{f"{k[:-2]}_ms": round(v * 1e3, 4) for k, v in t.items()}, "best_tflops": round(flop / t["best_s"] / 1e12, 1),
+        }))
+    rows.sort(key=lambda r: -r[0])
     for agg in by_kind.values():
         agg["tflops_at_floor"] = round(agg["gflop"] / agg["floor_s"] / 1e3, 1) if agg["floor_s"] else None
         agg["gflop"] = round(agg["gflop"], 1)
@@ -227,10 +228,8 @@ def op_floor(name: str, model: nn.Module, run: Callable[[], Any], dev: torch.dev
         "op_floor_tflops": round(total_flop / total_s / 1e12, 1),
         "by_kind": by_kind,
         "distinct_ops": len(rows),
-        "ops_by_floor_time": [{**r, "best_s": None} for r in rows[:25]],
+        "ops_by_floor_time": [row for _, row in rows[:25]],
     }
-    for r in res["ops_by_floor_time"]:
-        r.pop("best_s")
     if matmul_tflops:
         res["matmul_floor_ms_per_frame"] = round(total_flop / frames / (matmul_tflops * 1e12) * 1e3, 4)
     _log(f"{name}: {res['gflop_per_frame']} GFLOP/frame, op floor {res['op_floor_ms_per_frame']} ms/frame "
@@ -265,13 +264,17 @@ def build_models(size: str, dev: torch.device, dtype: torch.dtype) -> Models:
 
 
 def model_calls(m: Models, dev: torch.device, dtype: torch.dtype, ub: int, dc: int, eb: int) -> dict[str, tuple[Callable[[], Any], int]]:
+    """Each model's call at the engine's shapes, with inputs made as the engine makes them: in
+    inference mode (dynamo guards on the flag: frozen compiled models would run other inputs
+    eagerly), the timestep outside it (``Pipeline._timestep``)."""
     cfg = m.unet.config
-    lat = torch.randn(ub, int(cfg.in_channels), 32, 32, device=dev, dtype=dtype)
-    cond = torch.randn(ub, 50, int(cfg.cross_attention_dim), device=dev, dtype=dtype)
+    with torch.inference_mode():
+        lat = torch.randn(ub, int(cfg.in_channels), 32, 32, device=dev, dtype=dtype)
+        cond = torch.randn(ub, 50, int(cfg.cross_attention_dim), device=dev, dtype=dtype)
+        z = torch.randn(dc, int(m.vae.config.latent_channels), 32, 32, device=dev, dtype=dtype)
+        img = torch.randn(eb, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
     with torch.inference_mode(False):
         t0 = torch.zeros(1, dtype=torch.long, device=dev)
-    z = torch.randn(dc, int(m.vae.config.latent_channels), 32, 32, device=dev, dtype=dtype)
-    img = torch.randn(eb, 3, 256, 256, device=dev, dtype=dtype).clamp(-1, 1)
     return {
         "unet": (lambda: m.unet(lat, t0, encoder_hidden_states=cond).sample, ub),
         "vae_decode": (lambda: m.vae.decode(z).sample, dc),

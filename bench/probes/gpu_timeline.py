@@ -106,27 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import bench as B
-    from musetalk_job.models.random_weights import write_random_weights
-    from musetalk_job.pipeline import Pipeline
 
-    B.make_media(args.media) if not (args.media / B.VIDEO_NAME).exists() else None
-    video, audio, boxes = args.media / B.VIDEO_NAME, args.media / B.AUDIO_NAME, args.media / B.BOXES_NAME
+    pipe, (video, audio, boxes), info = B.probe_pipeline(
+        args.models, args.media, device=args.device, size=args.size, compile_mode=args.compile
+    )
     work = Path(tempfile.mkdtemp(prefix="gpu-timeline-"))
     if args.audio_seconds:
         audio = B.trimmed_audio(audio, work / "speech.wav", args.audio_seconds)
-    if not (args.models / "musetalkV15" / "unet.pth").exists():
-        write_random_weights(args.models, size=args.size, version="v15", seed=0)
     cuda = args.device.startswith("cuda")
-    pipe = Pipeline.from_models_dir(args.models, device=args.device, dtype="fp16" if cuda else None, version="v15")
-    pipe.warmup()
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "compile": args.compile or "eager",
-                              "preset": args.preset, "torch": torch.__version__,
-                              "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
-    if args.compile:
-        from musetalk_job import compiled
-
-        pipe.compiled = compiled.enable(pipe.models, mode=args.compile)
-        report["compile_warmup_s"] = round(pipe.warmup(), 1)
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **info, "preset": args.preset,
+                              "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
     B.w1_run(pipe, video, audio, boxes, work, "warm-up", preset=args.preset)
     report["plain_run"] = B.w1_run(pipe, video, audio, boxes, work, "plain", preset=args.preset)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
