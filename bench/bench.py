@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -339,6 +340,7 @@ def w1_run(pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: 
 
     info = probe(result.output)
     size_bytes = Path(result.output).stat().st_size
+    digest = hashlib.sha256(Path(result.output).read_bytes()).hexdigest()[:16]
     stats = result.stats()
     stats["output_probe"] = {"duration_s": info.duration_s, "fps": info.fps, "n_frames": info.n_frames,
                              "has_audio": info.has_audio, "video_codec": info.video_codec}
@@ -346,7 +348,10 @@ def w1_run(pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: 
         wall_s=round(wall, 3),
         output_fps=round(result.frames / wall, 1),
         peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        # reserved: what the process holds from the driver (CUDA graph pools included)
+        peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         output_bytes=size_bytes,
+        output_sha256=digest,  # same frames in, same bytes out: before/after runs compare this
         detail={k: (round(v, 4) if isinstance(v, float) else v) for k, v in pipe.last_timings.items()},
         options={k: str(v) for k, v in opts.items()},
     )
@@ -504,6 +509,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         report["compile_warmup_s"] = round(pipe.warmup(args.batch_size), 2)  # compiles at the job batch
         report["compile_failure"] = compiled.failure(pipe.models)
         save()
+    report["cuda_graphs"] = {"enabled": pipe.cuda_graphs, "face_step_failure": pipe.face_step.failure,
+                             "encode_failure": pipe.encode_step.failure}
     runs["cold"] = w1_run(pipe, video, audio, boxes, out_dir, "cold", batch_size=args.batch_size)
     save()
     runs["warm"] = w1_run(pipe, video, audio, boxes, out_dir, "warm", batch_size=args.batch_size)
@@ -546,6 +553,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
         for k, seg in enumerate(int(v) for v in args.short_segment_variants.split(",") if v):
             preset_runs(f"short_segments_{seg}_{k}", f"ss{seg}", short, encoder_segment_frames=seg)
+    if args.graphs_compare and cuda:
+        # The face step and the VAE encode launched op by op instead of replayed from CUDA graphs.
+        preset_runs("warm_no_graphs", "ng", audio, cuda_graphs=False)
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -606,7 +616,10 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         compiled.disable(pipe.models)
         pipe.compiled = False
+        report["eager_warmup_s"] = round(pipe.warmup(args.batch_size), 2)  # captures the eager CUDA graphs
         preset_runs("warm_eager", "eager", audio)
+        if args.graphs_compare:
+            preset_runs("warm_eager_no_graphs", "eng", audio, cuda_graphs=False)
         report["micro_eager"] = micro(pipe, batch)
         save()
     if args.compile and args.compile_channels_last and cuda:
@@ -670,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-channels-last", type=int, default=0, help="with --compile: also compile channels-last weights afresh and run W1 warm (1/0)")
     p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
+    p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -66,14 +66,30 @@ def _to_model_input(crops: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     return ((masked - 0.5) / 0.5).to(dtype), ((x - 0.5) / 0.5).to(dtype)
 
 
+def encode_chunk(vae: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """uint8 crops ``[P,256,256,3]`` on the VAE's device → scaled latent means ``[2P,4,32,32]``:
+    the masked crops' first, then the full crops'."""
+    masked, full = _to_model_input(crops, next(vae.parameters()).dtype)
+    # One encoder call for both halves: better occupancy than two calls of half the size.
+    return vae.encode(torch.cat([masked, full], dim=0)).latent_dist.mean * scaling_factor(vae)
+
+
 @torch.inference_mode()
-def encode_faces(vae: torch.nn.Module, crops: torch.Tensor, batch_size: int, *, pad: bool = False) -> torch.Tensor:
+def encode_faces(
+    vae: torch.nn.Module,
+    crops: torch.Tensor,
+    batch_size: int,
+    *,
+    pad: bool = False,
+    encode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
     """VAE-encode uint8 crops ``[N,256,256,3]`` → ``[N,8,32,32]`` ([masked, reference] channels).
 
-    ``pad``: run a ragged last chunk padded to the next power of two (at most ``batch_size``)."""
+    ``pad``: run a ragged last chunk padded to the next power of two (at most ``batch_size``).
+    ``encode``: what encodes one chunk (default ``encode_chunk(vae, ·)``; the pipeline passes its
+    CUDA-graphed version)."""
     device = next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
-    scale = scaling_factor(vae)
     n = crops.shape[0]
     out = torch.empty((n, 8, LATENT_SIZE, LATENT_SIZE), device=device, dtype=dtype)
     step = max(1, batch_size)
@@ -85,9 +101,7 @@ def encode_faces(vae: torch.nn.Module, crops: torch.Tensor, batch_size: int, *, 
             # ``step``: fewer distinct shapes for cudnn.benchmark to tune.
             padded = min(step, 1 << (b - 1).bit_length())
             chunk = torch.cat([chunk, chunk[-1:].expand(padded - b, *chunk.shape[1:])])
-        masked, full = _to_model_input(chunk, dtype)
-        # One encoder call for both halves: better occupancy than two calls of half the size.
-        mean = vae.encode(torch.cat([masked, full], dim=0)).latent_dist.mean * scale
+        mean = encode(chunk) if encode is not None else encode_chunk(vae, chunk)
         p = chunk.shape[0]
         out[start : start + b, :4] = mean[:b]
         out[start : start + b, 4:] = mean[p : p + b]

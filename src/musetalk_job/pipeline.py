@@ -45,10 +45,10 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from . import compiled
+from . import compiled, graphs
 from .blending import MaskStream
 from .errors import Cancelled, EngineRuntimeError, InputMediaError, JobError, SpecError
-from .latents import crop_faces, decode_latents, encode_faces
+from .latents import crop_faces, decode_latents, encode_chunk, encode_faces
 from .options import EngineOptions, ProgressFn, Result
 
 log = logging.getLogger(__name__)
@@ -207,6 +207,16 @@ class Pipeline:
         self.overlap_masks = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
+        # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, on by
+        # default): each replay launches a whole step's kernels at once instead of one by one.
+        # Both run on the main thread's stream, one after the other: they share one memory pool.
+        use_graphs, pool = graphs.enabled_from_env(), graphs.MemoryPool()
+        self.face_step = graphs.GraphedStep(
+            self._face_step, self.device, "the UNet and VAE decode", enabled=use_graphs, context=self._graph_context, pool=pool
+        )
+        self.encode_step = graphs.GraphedStep(
+            self._encode_step, self.device, "the VAE encode", enabled=use_graphs, context=self._graph_context, pool=pool
+        )
 
     @classmethod
     def from_models_dir(
@@ -266,10 +276,10 @@ class Pipeline:
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
         self._ensure_compiled(batch, encoder=True)
-        decode_latents(m.vae, m.unet(latents, self._timestep, encoder_hidden_states=cond).sample, self._chunk(batch))
+        self.face_step(latents, cond)  # with CUDA graphs on, this captures the job's graph
         enc = self._encode_batch(batch)
         crops = torch.zeros((enc, FACE_SIZE, FACE_SIZE, 3), dtype=torch.uint8)
-        encode_faces(m.vae, crops, enc)
+        encode_faces(m.vae, crops, enc, encode=self.encode_step)
         from .audio import whisper_features
 
         whisper_features(np.zeros(16000, dtype=np.float32), m)
@@ -296,6 +306,34 @@ class Pipeline:
     def _encode_batch(self, batch: int) -> int:
         """Crops per VAE-encode call (each call encodes masked + full, i.e. twice as many images)."""
         return max(1, min(batch // _ENCODE_BATCH_FACTOR, self._chunk(batch) // _ENCODE_BATCH_FACTOR or 1))
+
+    def _graph_context(self) -> tuple[bool, bool]:
+        """What the captured kernels depend on besides their inputs (see graphs.GraphedStep)."""
+        return compiled.is_enabled(self.models), self.channels_last
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the face step and the VAE encode replay CUDA graphs (always False on CPU)."""
+        return self.face_step.enabled and self.encode_step.enabled
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: bool) -> None:
+        # Off keeps the captured graphs, so switching back on does not capture again (benchmarks
+        # alternate); a step whose capture failed stays off.
+        for step in (self.face_step, self.encode_step):
+            step.enabled = bool(enabled) and self.device.type == "cuda" and step.failure is None
+
+    def _face_step(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """UNet (t=0) + VAE decode: ``[N,8,32,32]`` latents and ``[N,50,384]`` audio → uint8 faces ``[N,256,256,3]``.
+
+        Decoded in chunks of ``_chunk(N)``: for ``N`` up to the job batch, the same chunks as
+        ``_chunk(batch)``."""
+        pred = self.models.unet(latents, self._timestep, encoder_hidden_states=cond).sample
+        return decode_latents(self.models.vae, pred, self._chunk(latents.shape[0]))
+
+    def _encode_step(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 face crops ``[P,256,256,3]`` on the device → scaled latent means ``[2P,4,32,32]`` (masked, then full)."""
+        return encode_chunk(self.models.vae, crops)
 
     def use_channels_last(self, enabled: bool = True) -> None:
         """Store the UNet's and VAE's conv weights channels-last (NHWC), which fp16/bf16 tensor-core
@@ -500,7 +538,7 @@ class Pipeline:
             for a in range(0, n, batch):
                 crops = nxt.result()
                 nxt = pool.submit(crop, a + batch) if a + batch < n else None
-                lat = encode_faces(self.models.vae, crops, batch, pad=self.pad_batches)
+                lat = encode_faces(self.models.vae, crops, batch, pad=self.pad_batches, encode=self.encode_step)
                 if out is None:
                     out = torch.empty((n, *lat.shape[1:]), dtype=lat.dtype, device=lat.device)
                 out[a : a + lat.shape[0]] = lat
@@ -514,7 +552,7 @@ class Pipeline:
             try:
                 return fn(batch)
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
+                self.encode_step.reset()  # frees its graphs' memory pool (and empties the cache)
                 if batch <= 1:
                     raise EngineRuntimeError(
                         f"out of GPU memory in {what} even at batch size 1; free the GPU or use a larger one"
@@ -580,8 +618,7 @@ class Pipeline:
         take = torch.arange(a, a + padded, device=self.device).clamp_(max=b - 1)
         latents = prep.latents.index_select(0, plan.face_rows_dev.index_select(0, take))
         cond = audio.index_select(0, plan.face_out_dev.index_select(0, take))
-        pred = self.models.unet(latents, self._timestep, encoder_hidden_states=cond).sample
-        faces_sel = decode_latents(self.models.vae, pred, self._chunk(plan.batch))[:n_face]
+        faces_sel = self.face_step(latents, cond)[:n_face]
         timer.mark("generate_end")
         if n_face == stop - start:
             faces = faces_sel
@@ -638,7 +675,7 @@ class Pipeline:
                 timer.end()
             except torch.cuda.OutOfMemoryError:
                 timer.discard()
-                torch.cuda.empty_cache()
+                self.face_step.reset()  # frees its graphs' memory pool (and empties the cache)
                 if batch <= 1:
                     raise EngineRuntimeError(
                         "out of GPU memory while generating even at batch size 1; free the GPU or use a larger one"
@@ -670,7 +707,8 @@ class Pipeline:
         st.add("blend", blend_s)
         self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": composite_s,
                              "encoder_wait_s": encode_s, "masks_wait_s": masks_wait_s, "output_frames": total, "batch_size": batch,
-                             "compile_s": compile_s}
+                             "compile_s": compile_s, "cuda_graphs": self.face_step.enabled,
+                             "cuda_graph_captures": self.face_step.captures + self.encode_step.captures}
         st.add("encode", encode_s)
         return batch
 

@@ -1,0 +1,160 @@
+"""CUDA graphs of the engine's fixed-shape steps (``musetalk_job.graphs``).
+
+On this CPU-only CI the steps must be exact pass-throughs (the pipeline's face and encode steps are
+compared with the functions they wrap on the tiny models). The tests marked ``cuda`` capture and
+replay real graphs; they run on a GPU machine (``pytest tests/test_graphs.py`` on the device).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+import pytest
+import torch
+
+from musetalk_job import graphs
+from musetalk_job.errors import SpecError
+from musetalk_job.latents import decode_latents, encode_chunk
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize("raw, expected", [(None, True), ("", True), ("1", True), ("on", True), ("0", False), ("off", False), ("No", False)])
+def test_env_switch(raw: str | None, expected: bool) -> None:
+    env = {} if raw is None else {graphs.ENV_GRAPHS: raw}
+    assert graphs.enabled_from_env(env) is expected
+
+
+def test_env_switch_rejects_unknown_values_naming_the_variable() -> None:
+    with pytest.raises(SpecError, match="MUSETALK_CUDA_GRAPHS='maybe'"):
+        graphs.enabled_from_env({graphs.ENV_GRAPHS: "maybe"})
+
+
+# ------------------------------------------------------------------------------ CPU: pass-through
+
+
+def test_on_cpu_a_step_is_the_function_itself() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape))
+        return x * 2
+
+    step = graphs.GraphedStep(fn, torch.device("cpu"), "doubling", enabled=True)
+    assert step.enabled is False  # graphs are a CUDA feature
+    x = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(step(x), x * 2)
+    assert seen == [(2, 3)] and step.captures == 0 and step.shapes == []
+
+
+def test_pipeline_steps_compute_what_they_wrap(tiny_models_dir: Path) -> None:
+    from musetalk_job.pipeline import Pipeline
+
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cpu")
+    assert pipe.cuda_graphs is False
+    g = torch.Generator().manual_seed(0)
+    latents, cond = torch.randn((3, 8, 32, 32), generator=g), torch.randn((3, 50, 384), generator=g)
+    with torch.inference_mode():
+        want = decode_latents(pipe.models.vae, pipe.models.unet(latents, pipe._timestep, encoder_hidden_states=cond).sample)
+        got = pipe.face_step(latents, cond)
+        assert got.dtype == torch.uint8 and got.shape == (3, 256, 256, 3)
+        assert torch.equal(got, want)
+        crops = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8, generator=g)
+        assert torch.equal(pipe.encode_step(crops), encode_chunk(pipe.models.vae, crops))
+    pipe.cuda_graphs = True  # asking on CPU changes nothing
+    assert pipe.cuda_graphs is False
+
+
+# ------------------------------------------------------------------------------ CUDA: capture and replay
+
+
+def _mlp(device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(device)
+
+
+@cuda
+def test_replay_matches_eager_and_results_outlive_later_calls() -> None:
+    dev = torch.device("cuda")
+    net = _mlp(dev)
+    step = graphs.GraphedStep(lambda x: net(x).relu(), dev, "mlp")
+    with torch.inference_mode():
+        a, b = torch.randn(4, 16, device=dev), torch.randn(4, 16, device=dev)
+        ra = step(a)
+        rb = step(b)  # replays the graph captured by the first call
+        assert step.captures == 1
+        assert torch.equal(ra, net(a).relu()) and torch.equal(rb, net(b).relu())
+        assert ra.data_ptr() != rb.data_ptr()  # clones: the first result was not overwritten
+        step(torch.randn(2, 16, device=dev))  # a new shape: a second graph
+        assert step.captures == 2 and len(step.shapes) == 2
+
+
+@cuda
+def test_replay_sees_in_place_weight_changes_and_context_changes_recapture() -> None:
+    dev = torch.device("cuda")
+    net = _mlp(dev)
+    ctx = {"v": 0}
+    step = graphs.GraphedStep(lambda x: net(x), dev, "mlp", context=lambda: ctx["v"])
+    with torch.inference_mode():
+        x = torch.randn(4, 16, device=dev)
+        step(x)
+        net[0].weight.mul_(2)  # same memory: the captured graph reads it
+        assert torch.equal(step(x), net(x)) and step.captures == 1
+        ctx["v"] = 1
+        assert torch.equal(step(x), net(x)) and step.captures == 2
+
+
+@cuda
+def test_an_uncapturable_step_runs_eagerly_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    dev = torch.device("cuda")
+
+    def syncing(x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.sum().item() > -1e9)  # a host sync: not allowed while capturing
+
+    step = graphs.GraphedStep(syncing, dev, "syncing step")
+    x = torch.randn(8, device=dev)
+    with caplog.at_level(logging.WARNING, logger="musetalk_job.graphs"):
+        assert torch.equal(step(x), x)
+        assert torch.equal(step(x), x)
+    assert step.enabled is False and step.failure
+    assert [r.message for r in caplog.records if "syncing step" in r.message].__len__() == 1
+    torch.cuda.synchronize()  # the device is still usable
+
+
+@cuda
+def test_pipeline_graphs_give_the_eager_frames(tiny_models_dir: Path) -> None:
+    from musetalk_job.pipeline import Pipeline
+
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((4, 8, 32, 32), generator=g).to("cuda", torch.float16)
+    cond = torch.randn((4, 50, 384), generator=g).to("cuda", torch.float16)
+    crops = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8, generator=g).to("cuda")
+    with torch.inference_mode():
+        pipe.cuda_graphs = False
+        want_faces, want_lat = pipe.face_step(latents, cond), pipe.encode_step(crops)
+        pipe.cuda_graphs = True
+        for _ in range(2):
+            assert torch.equal(pipe.face_step(latents, cond), want_faces)
+            assert torch.equal(pipe.encode_step(crops), want_lat)
+    assert pipe.face_step.captures == 1 and pipe.encode_step.captures == 1
+
+
+@cuda
+def test_a_job_with_graphs_writes_the_frames_of_a_job_without(tiny_models_dir: Path, face_video: Path, speech_wav: Path, tmp_path: Path) -> None:
+    from musetalk_job.media import read_frames
+    from musetalk_job.options import EngineOptions
+    from musetalk_job.pipeline import Pipeline
+
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
+    opts = EngineOptions(landmarks="cascade", codec="ffv1", batch_size=4)  # lossless: the frames themselves
+    pipe.cuda_graphs = False
+    a = pipe.run(face_video, speech_wav, tmp_path / "a.mkv", opts)
+    pipe.cuda_graphs = True
+    b = pipe.run(face_video, speech_wav, tmp_path / "b.mkv", opts)
+    assert pipe.last_timings["cuda_graphs"] is True and pipe.face_step.captures >= 1
+    fa, fb = read_frames(a.output).frames, read_frames(b.output).frames
+    assert fa.shape == fb.shape and (fa == fb).all()
