@@ -120,8 +120,29 @@ def test_an_uncapturable_step_runs_eagerly_with_one_warning(caplog: pytest.LogCa
         assert torch.equal(step(x), x)
         assert torch.equal(step(x), x)
     assert step.enabled is False and step.failure
-    assert [r.message for r in caplog.records if "syncing step" in r.message].__len__() == 1
-    torch.cuda.synchronize()  # the device is still usable
+    assert len([r for r in caplog.records if "syncing step" in r.message]) == 1
+    torch.cuda.synchronize()  # the device is still usable, its random generator too
+    assert torch.randn(4, device=dev).shape == (4,)
+
+
+@cuda
+def test_steps_sharing_a_pool_capture_again_after_both_were_reset() -> None:
+    dev = torch.device("cuda")
+    net = _mlp(dev)
+    pool = graphs.MemoryPool()
+    a = graphs.GraphedStep(lambda x: net(x), dev, "a", pool=pool)
+    b = graphs.GraphedStep(lambda x: net(x) * 2, dev, "b", pool=pool)
+    with torch.inference_mode():
+        x = torch.randn(4, 16, device=dev)
+        a(x), b(x)
+        first = pool.handle
+        assert first is not None and a.captures == b.captures == 1
+        a.reset()
+        assert pool.handle == first  # b still holds graphs in it
+        b.reset()
+        assert pool.handle is None  # released: a new capture must not name it
+        assert torch.equal(a(x), net(x)) and torch.equal(b(x), net(x) * 2)
+        assert a.enabled and b.enabled and a.captures == b.captures == 2
 
 
 @cuda

@@ -58,10 +58,22 @@ def enabled_from_env(env: Optional[Mapping[str, str]] = None) -> bool:
 
 
 class MemoryPool:
-    """A CUDA graph memory pool that several ``GraphedStep`` s share (made by the first capture)."""
+    """A CUDA graph memory pool that several ``GraphedStep`` s share (made by the first capture).
+
+    The pool lives while some graph captured into it does; once no step holds a graph in it, the
+    handle is forgotten (capturing into a released pool trips an allocator assertion)."""
 
     def __init__(self) -> None:
         self.handle: Optional[tuple[int, int]] = None
+        self._holders: set[int] = set()
+
+    def hold(self, step: object) -> None:
+        self._holders.add(id(step))
+
+    def release(self, step: object) -> None:
+        self._holders.discard(id(step))
+        if not self._holders:
+            self.handle = None
 
 
 @dataclass
@@ -109,7 +121,7 @@ class GraphedStep:
             if self.context is not None:
                 ctx = self.context()
                 if ctx != self._context:
-                    self._graphs.clear()
+                    self._drop()
                     self._context = ctx
             cap = self._graphs.get(key)
             if cap is None:
@@ -128,16 +140,20 @@ class GraphedStep:
     def reset(self) -> None:
         """Drop every captured graph and free their memory pool (after OOM, or new weights)."""
         with self._lock:
-            self._graphs.clear()
+            self._drop()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _drop(self) -> None:
+        self._graphs.clear()
+        self._pool.release(self)
 
     def disable(self, why: str) -> None:
         if self.failure is None:
             log.warning("CUDA graphs for %s switched off, running it eagerly: %s", self.name, why)
         self.failure = why
         self.enabled = False
-        self._graphs.clear()
+        self._drop()
 
     def _capture(self, key: Key, inputs: tuple[torch.Tensor, ...]) -> Optional[_Captured]:
         static = tuple(x.detach().clone() for x in inputs)
@@ -155,7 +171,7 @@ class GraphedStep:
             with torch.cuda.graph(graph, pool=self._pool.handle, capture_error_mode="thread_local"):
                 output = self.fn(*static)
         except torch.OutOfMemoryError:
-            self._graphs.clear()
+            self._drop()
             torch.cuda.empty_cache()
             raise
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
@@ -167,6 +183,7 @@ class GraphedStep:
             return None
         if self._pool.handle is None:
             self._pool.handle = graph.pool()
+        self._pool.hold(self)
         cap = _Captured(graph=graph, inputs=static, output=output)
         self._graphs[key] = cap
         self.captures += 1
