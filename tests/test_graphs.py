@@ -22,15 +22,31 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 # ------------------------------------------------------------------------------ configuration
 
 
-@pytest.mark.parametrize("raw, expected", [(None, True), ("", True), ("1", True), ("on", True), ("0", False), ("off", False), ("No", False)])
-def test_env_switch(raw: str | None, expected: bool) -> None:
+@pytest.mark.parametrize(
+    "raw, expected",
+    [(None, "auto"), ("", "auto"), ("AUTO", "auto"), ("1", "on"), ("on", "on"), ("0", "off"), ("off", "off"), ("No", "off")],
+)
+def test_env_switch(raw: str | None, expected: str) -> None:
     env = {} if raw is None else {graphs.ENV_GRAPHS: raw}
-    assert graphs.enabled_from_env(env) is expected
+    assert graphs.mode_from_env(env) == expected
 
 
 def test_env_switch_rejects_unknown_values_naming_the_variable() -> None:
     with pytest.raises(SpecError, match="MUSETALK_CUDA_GRAPHS='maybe'"):
-        graphs.enabled_from_env({graphs.ENV_GRAPHS: "maybe"})
+        graphs.mode_from_env({graphs.ENV_GRAPHS: "maybe"})
+
+
+def test_auto_uses_graphs_on_large_gpus_only_and_never_on_cpu() -> None:
+    gib = 2**30
+    gpu = torch.device("cuda")
+    assert graphs.decide("auto", gpu, total_bytes=24 * gib) is True  # RTX 3090/4090
+    assert graphs.decide("auto", gpu, total_bytes=141 * gib) is True  # H200
+    assert graphs.decide("auto", gpu, total_bytes=12 * gib) is False  # RTX 3060/4070: the pool would crowd the job
+    assert graphs.decide("auto", gpu, total_bytes=16 * gib) is False
+    assert graphs.decide("on", gpu, total_bytes=12 * gib) is True
+    assert graphs.decide("off", gpu, total_bytes=141 * gib) is False
+    assert graphs.decide("on", torch.device("cpu")) is False
+    assert graphs.enabled_from_env(torch.device("cpu"), {graphs.ENV_GRAPHS: "1"}) is False
 
 
 # ------------------------------------------------------------------------------ CPU: pass-through

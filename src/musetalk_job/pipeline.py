@@ -207,10 +207,10 @@ class Pipeline:
         self.overlap_masks = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
-        # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, on by
-        # default): each replay launches a whole step's kernels at once instead of one by one.
+        # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
+        # on GPUs with >= 20 GiB): each replay launches a whole step's kernels at once.
         # Both run on the main thread's stream, one after the other: they share one memory pool.
-        use_graphs, pool = graphs.enabled_from_env(), graphs.MemoryPool()
+        use_graphs, pool = graphs.enabled_from_env(self.device), graphs.MemoryPool()
         self.face_step = graphs.GraphedStep(
             self._face_step, self.device, "the UNet and VAE decode", enabled=use_graphs, context=self._graph_context, pool=pool
         )
