@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from musetalk_job import doctor, weights
-from musetalk_job.errors import EXIT_MODELS, EXIT_OK, EXIT_RUNTIME
+from musetalk_job.errors import EXIT_MODELS, EXIT_OK, EXIT_RUNTIME, EXIT_SPEC
 from musetalk_job.models import layout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +56,20 @@ def test_random_weights_dir_is_complete(random_dir: Path, tmp_path: Path, monkey
     assert {layout.UNET["v15"][0], layout.UNET["v1"][0], layout.BISENET, layout.DWPOSE_PTH} <= paths
     assert all(m["ok"] and m["present"] for m in d.models)
     assert _row(d, "workspace disk").status in ("ok", "warn")
+    assert _row(d, "speed-ups").status == "info" and "CUDA graphs off (no GPU)" in _row(d, "speed-ups").value
+
+
+def test_invalid_speed_up_settings_fail_naming_the_variable(random_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MUSETALK_DEVICE", raising=False)
+    monkeypatch.setenv("MUSETALK_CUDA_GRAPHS", "sometimes")
+    d = doctor.diagnose(models_dir=random_dir, version="v15", workspace=tmp_path)
+    row = _row(d, "speed-ups")
+    assert row.status == "fail" and "MUSETALK_CUDA_GRAPHS='sometimes'" in row.value
+    assert d.exit_code == EXIT_SPEC and "MUSETALK_CUDA_GRAPHS" in (d.reason or "")
+    monkeypatch.setenv("MUSETALK_CUDA_GRAPHS", "0")
+    monkeypatch.setenv("MUSETALK_COMPILE", "regional")
+    row = _row(doctor.diagnose(models_dir=random_dir, version="v15", workspace=tmp_path), "speed-ups")
+    assert row.status == "info" and "torch.compile regional" in row.value
 
 
 def test_broken_model_file_fails_with_5(random_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ Contract:
   h264_nvenc), the landmark runtime (DWPose runs in PyTorch; onnxruntime and its providers are
   listed for information), the models dir (``weights.check_models_dir``: each file present, size
   ok, sha256 ok with ``verify``; random-weights dirs and fast copies noted), free disk of the
-  workspace root, which storage/hub credentials are configured (variable **names** only, never
+  workspace root, torch.compile and CUDA graphs as ``MUSETALK_COMPILE`` / ``MUSETALK_CUDA_GRAPHS``
+  set them (an invalid value fails with the job's exit code, 2), which storage/hub credentials are configured (variable **names** only, never
   values), SaladCloud variables present.
 - ``Diagnosis.exit_code``: 0 when a job can run here; 6 for a broken runtime (torch or PyAV
   unusable, no H.264 encoder, CUDA error, too little VRAM or disk, no GPU with
@@ -276,6 +277,28 @@ def _check_disk(d: Diagnosis, workspace: Path) -> None:
         d.add("workspace disk", "ok", f"{workspace}: {_gib(free)} free")
 
 
+def _check_speedups(d: Diagnosis, torch: Any) -> None:
+    """torch.compile and CUDA graphs as this environment sets them (a bad value fails every job)."""
+    if torch is None:  # already a failure: both modules need torch
+        return
+    from . import compiled, graphs
+
+    try:
+        compile_mode = compiled.mode_from_env()
+        graphs_mode = graphs.mode_from_env()
+    except JobError as exc:
+        d.add("speed-ups", "fail", exc.message, exc.exit_code)
+        return
+    parts = [f"torch.compile {compile_mode or 'off'} ({compiled.ENV_COMPILE})"]
+    if torch.cuda.is_available():
+        on = graphs.decide(graphs_mode, torch.device("cuda"))
+        why = f", GPUs with >= {graphs.AUTO_MIN_TOTAL_GIB:g} GiB" if graphs_mode == "auto" else ""
+        parts.append(f"CUDA graphs {'on' if on else 'off'} ({graphs.ENV_GRAPHS}={graphs_mode}{why})")
+    else:
+        parts.append("CUDA graphs off (no GPU)")
+    d.add("speed-ups", "info", "; ".join(parts))
+
+
 def _check_env(d: Diagnosis) -> None:
     creds = [n for n in CREDENTIAL_VARS if os.environ.get(n)]
     d.add("credentials", "info", ", ".join(creds) + " set" if creds else "none set (local paths and presigned URLs only)")
@@ -307,6 +330,7 @@ def diagnose(
         _check_models(d, Path(models_dir), version, landmarks, verify, Path(manifest) if manifest else None)
     except JobError as exc:  # a bad --manifest or version
         d.add("models dir", "fail", exc.message, exc.exit_code)
+    _check_speedups(d, torch)
     _check_env(d)
     return d
 
