@@ -66,6 +66,20 @@ def test_on_cpu_a_step_is_the_function_itself() -> None:
     assert seen == [(2, 3)] and step.captures == 0 and step.shapes == []
 
 
+def test_a_shared_pool_is_forgotten_only_when_no_step_holds_graphs_in_it() -> None:
+    pool = graphs.MemoryPool()
+    a, b = object(), object()
+    pool.handle = (0, 1)  # as the first capture sets it
+    pool.hold(a)
+    pool.hold(b)
+    pool.release(a)
+    assert pool.handle == (0, 1)  # b's graphs still live in it
+    pool.release(a)  # releasing twice changes nothing
+    assert pool.handle == (0, 1)
+    pool.release(b)
+    assert pool.handle is None  # the next capture makes a new pool instead of naming a released one
+
+
 def test_pipeline_steps_compute_what_they_wrap(tiny_models_dir: Path) -> None:
     from musetalk_job.pipeline import Pipeline
 
