@@ -166,7 +166,8 @@ class GraphedStep:
         return list(self._graphs)
 
     def reset(self) -> None:
-        """Drop every captured graph and free their memory pool (after OOM, or new weights)."""
+        """Drop every captured graph (after OOM, or new weights); the shared pool's memory goes back
+        to the allocator once no step holds graphs in it."""
         with self._lock:
             self._drop()
         if self.device.type == "cuda":
