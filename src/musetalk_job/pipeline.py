@@ -323,6 +323,12 @@ class Pipeline:
         for step in (self.face_step, self.encode_step):
             step.enabled = bool(enabled) and self.device.type == "cuda" and step.failure is None
 
+    def _drop_graphs(self) -> None:
+        """After running out of memory: both steps' graphs go, so their shared pool's memory is
+        returned (and the allocator's cache emptied); they are captured again at the new batch."""
+        self.face_step.reset()
+        self.encode_step.reset()
+
     def _face_step(self, latents: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """UNet (t=0) + VAE decode: ``[N,8,32,32]`` latents and ``[N,50,384]`` audio → uint8 faces ``[N,256,256,3]``.
 
@@ -552,7 +558,7 @@ class Pipeline:
             try:
                 return fn(batch)
             except torch.cuda.OutOfMemoryError:
-                self.encode_step.reset()  # frees its graphs' memory pool (and empties the cache)
+                self._drop_graphs()
                 if batch <= 1:
                     raise EngineRuntimeError(
                         f"out of GPU memory in {what} even at batch size 1; free the GPU or use a larger one"
@@ -675,7 +681,7 @@ class Pipeline:
                 timer.end()
             except torch.cuda.OutOfMemoryError:
                 timer.discard()
-                self.face_step.reset()  # frees its graphs' memory pool (and empties the cache)
+                self._drop_graphs()
                 if batch <= 1:
                     raise EngineRuntimeError(
                         "out of GPU memory while generating even at batch size 1; free the GPU or use a larger one"
