@@ -180,6 +180,15 @@ def test_unknown_musetalk_env_warns_not_fails():
     assert load_job(env=env).spec.batch_size is None
 
 
+def test_every_variable_the_package_reads_is_known_and_not_warned_about():
+    """Each ``"MUSETALK_..."`` name in the package's source is read somewhere: setting it must not
+    print "is ignored" (the engine's tuning variables were missing from the list once)."""
+    src = Path(__file__).resolve().parents[1] / "src" / "musetalk_job"
+    names = {n for p in src.rglob("*.py") for n in re.findall(r'"(MUSETALK_[A-Z0-9_]+)"', p.read_text())}
+    assert {"MUSETALK_CUDA_GRAPHS", "MUSETALK_COMPILE", "MUSETALK_MODELS_DIR", "MUSETALK_LOAD_PARALLEL"} <= names
+    assert unknown_env_warnings({n: "1" for n in names}) == []
+
+
 def test_settings_from_env_and_flags(tmp_path):
     settings = load_settings({"MUSETALK_MODELS_DIR": str(tmp_path), "MUSETALK_LOG_FORMAT": "json"}, {"device": "cpu"})
     assert settings.models_dir == tmp_path and settings.log_format == "json" and settings.device == "cpu"

@@ -226,6 +226,15 @@ OTHER_KNOWN_ENV = frozenset(
         "MUSETALK_COMPILE_CACHE",
         "MUSETALK_ENCODER_WORKERS",  # engine: media.VideoWriter
         "MUSETALK_X264_AVX512",  # engine: media.x264_cpu_options
+        "MUSETALK_CUDA_GRAPHS",  # engine: graphs.py (docs/cuda-graphs.md)
+        "MUSETALK_DEFER_IMPORTS",  # models.lazy_packages
+        "MUSETALK_LOAD_CHUNK_MB",  # models.fastio (docs/engine-models.md)
+        "MUSETALK_LOAD_IO_THREADS",
+        "MUSETALK_LOAD_PARALLEL",
+        "MUSETALK_LOAD_WARM_CUDA_LIBS",
+        "MUSETALK_PACKAGE_MAP",
+        "MUSETALK_WARM_MANIFEST",
+        "MUSETALK_WARM_PROCESS",
     }
 )
 
