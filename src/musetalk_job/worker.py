@@ -194,7 +194,10 @@ class WorkerState:
                 if getattr(device, "type", None) == "cuda" and hasattr(engine, "warmup"):
                     # First-use CUDA costs (kernel selection, allocator growth) are paid here,
                     # before the node reports ready, not by the first job.
-                    log.info("warm-up: %.1f s", engine.warmup())
+                    seconds = engine.warmup()
+                    log.info("warm-up: %.1f s (torch.compile %s, CUDA graphs %s)", seconds,
+                             "on" if getattr(engine, "compiled", False) else "off",
+                             "on" if getattr(engine, "cuda_graphs", False) else "off")
             log.info("models loaded in %.1f s (%s)", time.monotonic() - t0, ", ".join(self.options.preload))
             problem = imds_mod.check_gpu(self.settings.device, int(self.options.min_free_vram_gb * 2**30))
             if problem and (self.imds is not None or (self.settings.device or "").startswith("cuda")):
