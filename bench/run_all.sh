@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of bench/README.md in one command, JSON into one folder:
 #   bash bench/run_all.sh OUT_DIR [main|compile|cold|all]
-# main   : bench.py (W1 cold/warm/baseline/presets, avatar cache, memory per batch, micro, landmarks)
-#          and encoder_bench.py (CPU encoder alone)
+# main   : bench.py (W1 cold/warm/baseline/presets, with/without CUDA graphs, avatar cache, memory per batch,
+#          micro, landmarks), encoder_bench.py (CPU encoder alone) and probes/graph_memory.py (memory with and
+#          without CUDA graphs per batch)
 # compile: every W1 run compiled, then eager in the same process (bench.py --compile; run 21's command),
 #          compile_bench.py (models alone) and probes/gpu_floor.py (op floors, compile variants per model)
 # cold   : cold_start.py (page cache dropped before every run; needs root)
@@ -27,6 +28,8 @@ if [[ $part == main || $part == all ]]; then
     --channels-last 0 --cudnn-compare 0 --encoder-micro 0 --landmark-batches 4 \
     >"$out/bench.log" 2>&1
   echo "== bench: exit $?" >&2
+  "$py" "$here/probes/graph_memory.py" --models "$models" --out "$out/graph_memory.json" >"$out/graph_memory.log" 2>&1
+  echo "== graph_memory: exit $?" >&2
 fi
 if [[ $part == compile || $part == all ]]; then
   "$py" "$here/bench.py" --media "$here/../.bench/media" --models "$models" --out "$out/bench_compiled.json" \
