@@ -327,11 +327,20 @@ def graph_pool_gib(pipe: Any) -> Optional[float]:
     """GiB the pipeline's CUDA graph memory pool holds (None without one)."""
     import torch
 
-    handle = pipe.face_step._pool.handle
+    handle = pipe.face_step.pool.handle
     if handle is None or not torch.cuda.is_available():
         return None
     held = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == tuple(handle))
     return round(held / 2**30, 2)
+
+
+def run_alone(pipe: Any, batch: int, video: Path, audio: Path, boxes: Optional[Path], out_dir: Path, label: str) -> dict[str, Any]:
+    """``w1_run`` at ``batch`` as in a process that only ever runs that batch: the captured CUDA
+    graphs of other batches dropped, this batch's captured by a warm-up, the allocator's cache
+    emptied before the timed job (so its peak reserved memory is its own)."""
+    pipe.drop_cuda_graphs()
+    pipe.warmup(batch)
+    return w1_run(pipe, video, audio, boxes, out_dir, label, batch_size=batch, empty_cache=True)
 
 
 def w1_run(
@@ -608,16 +617,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         pipe.avatar_cache = saved
     if args.memory_batches:
         # Peak device memory and speed per batch size on a 10 s job (250 output frames).
-        # Each batch alone: the CUDA graphs of the other batch sizes are dropped and this one's are
-        # captured by a warm-up first, as in a process that only ever runs this batch.
         short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
         keys = ("wall_s", "output_fps", "peak_gpu_mem_gib", "peak_gpu_reserved_gib", "graph_pool_gib", "batch_size")
         report["memory"] = {}
-        for b in args.memory_batches:
-            pipe.face_step.reset()
-            pipe.encode_step.reset()
-            pipe.warmup(b)
-            r = w1_run(pipe, video, short, boxes, out_dir, f"mem{b}", batch_size=b, empty_cache=True)
+        for b in args.memory_batches:  # each batch alone (run_alone)
+            r = run_alone(pipe, b, video, short, boxes, out_dir, f"mem{b}")
             report["memory"][str(b)] = {k: r.get(k) for k in keys}
         save()
     batch = runs["warm"]["batch_size"]

@@ -45,11 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     short = bench.trimmed_audio(audio, args.work / "speech_10s.wav", 10.0)
     for batch in args.batches:
         for on in (False, True):
-            pipe.face_step.reset()
-            pipe.encode_step.reset()
             pipe.cuda_graphs = on
-            pipe.warmup(batch)
-            r = bench.w1_run(pipe, video, short, boxes, args.work, f"gm{batch}{int(on)}", batch_size=batch, empty_cache=True)
+            r = bench.run_alone(pipe, batch, video, short, boxes, args.work, f"gm{batch}{int(on)}")
             report["runs"][f"b{batch}_{'graphs' if on else 'eager_launch'}"] = {
                 k: r.get(k) for k in ("wall_s", "peak_gpu_mem_gib", "peak_gpu_reserved_gib", "graph_pool_gib", "output_sha256")
             } | {"cuda_graphs": r["detail"].get("cuda_graphs")}

@@ -138,7 +138,7 @@ class GraphedStep:
         self.failure: Optional[str] = None
         self.captures = 0  # graphs captured over this step's life (benchmarks, tests)
         self._graphs: dict[Key, _Captured] = {}
-        self._pool = pool or MemoryPool()
+        self.pool = pool or MemoryPool()
         self._lock = threading.Lock()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ class GraphedStep:
 
     def _drop(self) -> None:
         self._graphs.clear()
-        self._pool.release(self)
+        self.pool.release(self)
 
     def disable(self, why: str) -> None:
         if self.failure is None:
@@ -197,7 +197,7 @@ class GraphedStep:
             main.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: the blend-mask thread keeps using the GPU on its own stream meanwhile.
-            with torch.cuda.graph(graph, pool=self._pool.handle, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool.handle, capture_error_mode="thread_local"):
                 output = self.fn(*static)
         except torch.OutOfMemoryError:
             self._drop()
@@ -210,9 +210,9 @@ class GraphedStep:
         if not isinstance(output, torch.Tensor):
             self.disable(f"the step returned {type(output).__name__}, not a tensor")
             return None
-        if self._pool.handle is None:
-            self._pool.handle = graph.pool()
-        self._pool.hold(self)
+        if self.pool.handle is None:
+            self.pool.handle = graph.pool()
+        self.pool.hold(self)
         cap = _Captured(graph=graph, inputs=static, output=output)
         self._graphs[key] = cap
         self.captures += 1

@@ -323,9 +323,9 @@ class Pipeline:
         for step in (self.face_step, self.encode_step):
             step.enabled = bool(enabled) and self.device.type == "cuda" and step.failure is None
 
-    def _drop_graphs(self) -> None:
-        """After running out of memory: both steps' graphs go, so their shared pool's memory is
-        returned (and the allocator's cache emptied); they are captured again at the new batch."""
+    def drop_cuda_graphs(self) -> None:
+        """Both steps' graphs go, so their shared pool's memory is returned (and the allocator's
+        cache emptied); the next calls capture again (after running out of memory: at the new batch)."""
         self.face_step.reset()
         self.encode_step.reset()
 
@@ -558,7 +558,7 @@ class Pipeline:
             try:
                 return fn(batch)
             except torch.cuda.OutOfMemoryError:
-                self._drop_graphs()
+                self.drop_cuda_graphs()
                 if batch <= 1:
                     raise EngineRuntimeError(
                         f"out of GPU memory in {what} even at batch size 1; free the GPU or use a larger one"
@@ -681,7 +681,7 @@ class Pipeline:
                 timer.end()
             except torch.cuda.OutOfMemoryError:
                 timer.discard()
-                self._drop_graphs()
+                self.drop_cuda_graphs()
                 if batch <= 1:
                     raise EngineRuntimeError(
                         "out of GPU memory while generating even at batch size 1; free the GPU or use a larger one"
@@ -713,7 +713,7 @@ class Pipeline:
         st.add("blend", blend_s)
         self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": composite_s,
                              "encoder_wait_s": encode_s, "masks_wait_s": masks_wait_s, "output_frames": total, "batch_size": batch,
-                             "compile_s": compile_s, "cuda_graphs": self.face_step.enabled,
+                             "compile_s": compile_s, "cuda_graphs": self.cuda_graphs,
                              "cuda_graph_captures": self.face_step.captures + self.encode_step.captures}
         st.add("encode", encode_s)
         return batch
