@@ -227,6 +227,10 @@ class Pipeline:
         # (and the encoder behind it) starts after one chunk; False makes all of them in
         # prepare_video first (benchmarks' before/after).
         self.overlap_latents = True
+        # CUDA priority of the mask thread's stream (lower = sooner; PyTorch clamps it to the
+        # device's range): its BiSeNet kernels go ahead of the main stream's queued encode and
+        # face steps, so the masks the next batch waits for are not behind the whole queue.
+        self.masks_stream_priority = -1
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -531,7 +535,7 @@ class Pipeline:
         """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
         from .blending import prepare_masks
 
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        side = torch.cuda.Stream(self.device, priority=self.masks_stream_priority) if self.device.type == "cuda" else None
 
         def work() -> None:
             try:
