@@ -584,9 +584,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.graphs_compare and cuda:
         # The face step and the VAE encode launched op by op instead of replayed from CUDA graphs.
         preset_runs("warm_no_graphs", "ng", audio, cuda_graphs=False)
-    if args.latents_compare and not args.only_cold_warm:
-        # Every latent made before generating (the previous behaviour) against chunk by chunk in the loop.
-        preset_runs("warm_latents_first", "lf", audio, overlap_latents=False)
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -715,7 +712,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
-    p.add_argument("--latents-compare", type=int, default=1, help="also W1 warm with every latent made before generating (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")
