@@ -343,6 +343,22 @@ def run_alone(pipe: Any, batch: int, video: Path, audio: Path, boxes: Optional[P
     return w1_run(pipe, video, audio, boxes, out_dir, label, batch_size=batch, empty_cache=True)
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far, all its threads (x264's included)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def host_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def w1_run(
     pipe: Any, video: Path, audio: Path, boxes: Optional[Path], out_dir: Path, label: str, *, empty_cache: bool = False, **opts: Any
 ) -> dict[str, Any]:
@@ -359,9 +375,10 @@ def w1_run(
         if empty_cache:
             torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
+    t, cpu0 = time.perf_counter(), cpu_seconds()
     result = pipe.run(video, audio, out_dir / f"w1_{label}.mp4", options)
     wall = time.perf_counter() - t
+    cpu_s = cpu_seconds() - cpu0
     from musetalk_job.media import probe
 
     info = probe(result.output)
@@ -373,6 +390,9 @@ def w1_run(
     stats.update(
         wall_s=round(wall, 3),
         output_fps=round(result.frames / wall, 1),
+        # the host's CPUs the job kept busy: near 1.0 means the CPU side bounds the job
+        cpu_s=round(cpu_s, 2),
+        cpu_busy=round(cpu_s / (wall * host_cpus()), 3),
         peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         # reserved: what the process holds from the driver (CUDA graph pools included)
         peak_gpu_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
