@@ -343,6 +343,34 @@ def run_alone(pipe: Any, batch: int, video: Path, audio: Path, boxes: Optional[P
     return w1_run(pipe, video, audio, boxes, out_dir, label, batch_size=batch, empty_cache=True)
 
 
+def composite_per_frame(frames: Any, faces: Any, masks: Any) -> Any:
+    """The engine's composite before it was batched (commit c596504): a few tensor operations per
+    frame (bilinear resize with ``F.interpolate``, PIL-rounded blend, write-back). For the
+    before/after run only (``--composite-compare``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from musetalk_job.blending import blend_pil
+
+    out = frames.clone()
+    height, width = frames.shape[1], frames.shape[2]
+    for b, mask in enumerate(masks):
+        if mask is None:
+            continue
+        x1, y1, x2, y2 = mask.box
+        cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+        if cx2 <= cx1 or cy2 <= cy1:
+            continue
+        x = faces[b].permute(2, 0, 1).unsqueeze(0).float()
+        y = F.interpolate(x, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False, antialias=False)
+        face = y.squeeze(0).permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8)
+        face = face[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        alpha = mask.to(frames.device)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        region = out[b, cy1:cy2, cx1:cx2]
+        region.copy_(blend_pil(face, region, alpha))
+    return out
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) this process has used so far, all its threads (x264's included)."""
     import resource
@@ -604,6 +632,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.graphs_compare and cuda:
         # The face step and the VAE encode launched op by op instead of replayed from CUDA graphs.
         preset_runs("warm_no_graphs", "ng", audio, cuda_graphs=False)
+    if args.composite_compare and not args.only_cold_warm:
+        # The composite as it was: a few tensor operations per frame instead of per batch.
+        from musetalk_job import blending
+
+        batched = blending.composite
+        blending.composite = composite_per_frame
+        try:
+            preset_runs("warm_composite_per_frame", "cpf", audio)
+        finally:
+            blending.composite = batched
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -732,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
+    p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

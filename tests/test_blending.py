@@ -145,6 +145,85 @@ def test_resize_face_is_within_one_level_of_cv2():
         assert diff.max() <= 1 and (diff == 0).mean() > 0.8
 
 
+def _per_frame_paste(frames: torch.Tensor, faces: torch.Tensor, masks: list) -> torch.Tensor:
+    """The paste frame by frame, with torch's own bilinear resize: what ``composite`` batches."""
+    import torch.nn.functional as F
+
+    out = frames.clone()
+    h_img, w_img = frames.shape[1:3]
+    for b, mask in enumerate(masks):
+        if mask is None:
+            continue
+        x1, y1, x2, y2 = mask.box
+        cx1, cy1, cx2, cy2 = max(x1, 0), max(y1, 0), min(x2, w_img), min(y2, h_img)
+        if cx2 <= cx1 or cy2 <= cy1:
+            continue
+        x = faces[b].permute(2, 0, 1)[None].float()
+        face = F.interpolate(x, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+        face = face.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        alpha = torch.from_numpy(mask.alpha).to(frames.device)[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1]
+        out[b, cy1:cy2, cx1:cx2] = blend_pil(face, out[b, cy1:cy2, cx1:cx2], alpha)
+    return out
+
+
+def _random_paste_case(seed: int, n: int = 12, size: tuple[int, int] = (96, 128)):
+    rng = np.random.default_rng(seed)
+    h, w = size
+    frames = torch.from_numpy(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+    faces = torch.from_numpy(rng.integers(0, 256, (n, 256, 256, 3), dtype=np.uint8))
+    masks: list = []
+    for b in range(n):
+        if b % 5 == 3:
+            masks.append(None)
+            continue
+        bw, bh = int(rng.integers(8, 90)), int(rng.integers(8, 80))
+        # boxes inside the frame and boxes running past every edge
+        x1, y1 = int(rng.integers(-bw // 2, w - bw // 2)), int(rng.integers(-bh // 2, h - bh // 2))
+        masks.append(BlendMask((x1, y1, x1 + bw, y1 + bh), rng.integers(0, 256, (bh, bw), dtype=np.uint8)))
+    masks[0] = BlendMask((w + 5, 10, w + 40, 40), np.full((30, 35), 255, np.uint8))  # wholly outside
+    return frames, faces, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batched_composite_matches_the_per_frame_paste(seed: int) -> None:
+    frames, faces, masks = _random_paste_case(seed)
+    before = frames.clone()
+    got = composite(frames, faces, masks)
+    want = _per_frame_paste(frames, faces, masks)
+    assert torch.equal(frames, before), "composite must not write into its input"
+    assert got.shape == frames.shape and got.is_contiguous()
+    diff = (got.to(torch.int16) - want.to(torch.int16)).abs()
+    # Only float rounding of the bilinear weights may differ: a rare pixel by one level.
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    touched = torch.zeros(frames.shape[:3], dtype=torch.bool)
+    for b, m in enumerate(masks):
+        if m is not None:
+            x1, y1, x2, y2 = m.box
+            touched[b, max(y1, 0) : max(y2, 0), max(x1, 0) : max(x2, 0)] = True
+    assert torch.equal(got[~touched], frames[~touched]), "pixels outside the boxes must stay as they were"
+    assert not torch.equal(got[touched], frames[touched])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batched_composite_on_the_gpu_matches_the_per_frame_paste_and_the_cpu() -> None:
+    frames, faces, masks = _random_paste_case(11, n=40, size=(240, 320))
+    cpu = composite(frames, faces, masks)
+    got = composite(frames.cuda(), faces.cuda(), masks)
+    want = _per_frame_paste(frames.cuda(), faces.cuda(), masks)
+    for other in (want.cpu(), cpu):
+        diff = (got.cpu().to(torch.int16) - other.to(torch.int16)).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+
+
+def test_composite_in_several_steps_equals_one_step(monkeypatch) -> None:
+    import musetalk_job.blending as blending
+
+    frames, faces, masks = _random_paste_case(7)
+    one = composite(frames, faces, masks)
+    monkeypatch.setattr(blending, "COMPOSITE_STEP_PIXELS", 3000)  # a step per one or two boxes
+    assert torch.equal(composite(frames, faces, masks), one)
+
+
 def test_composite_mask_extremes_and_outside_box():
     rng = np.random.default_rng(3)
     frames = torch.from_numpy(rng.integers(0, 256, (3, 90, 120, 3), dtype=np.uint8))
