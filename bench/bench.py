@@ -642,9 +642,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             preset_runs("warm_composite_per_frame", "cpf", audio)
         finally:
             blending.composite = batched
-    if args.upload_compare and cuda and not args.only_cold_warm:
-        # The input frames copied to the device at the start of the generate loop, as before.
-        preset_runs("warm_late_upload", "lu", audio, upload_frames_early=False)
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -774,7 +771,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
-    p.add_argument("--upload-compare", type=int, default=1, help="also W1 warm with the frames uploaded when generating starts (CUDA; 1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -345,19 +345,6 @@ def test_masks_overlap_generation_and_stop_with_a_cancelled_job(pipe, face_video
     assert not stream.done
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_frames_uploaded_while_preparing_give_the_same_video(tiny_models_dir, face_video, speech_wav, boxes_file, tmp_path) -> None:
-    """The input frames' device copy, made on a helper thread and stream during prepare, is what
-    the generate loop reads: the same frames as copying them at the start of the loop."""
-    gpu = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16", version="v15")
-    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.5)
-    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
-    early = gpu.run(face_video, short, tmp_path / "early.mkv", opts)
-    gpu.upload_frames_early = False
-    late = gpu.run(face_video, short, tmp_path / "late.mkv", opts)
-    np.testing.assert_array_equal(_read(early.output), _read(late.output))
-
-
 def _oom_once(real, calls: list):
     def flaky(x, *a, **k):
         calls.append(int(x.shape[0]))

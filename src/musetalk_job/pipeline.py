@@ -36,7 +36,7 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,10 +205,6 @@ class Pipeline:
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
-        # The distinct input frames go to the device on a helper thread and stream while the job
-        # prepares (~0.15 s for W1's 250 720p frames on an H200 host), not at the start of the
-        # generate loop; False uploads them there (benchmarks' before/after).
-        self.upload_frames_early = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -361,42 +357,6 @@ class Pipeline:
 
                 self._detectors[backend] = load_detector(backend, self.models_dir, self.device)
             return self._detectors[backend]
-
-    def _start_frame_upload(self, frames: np.ndarray) -> Optional[Future]:
-        """``_frame_upload(frames)`` on a helper thread and its own CUDA stream, started now; the
-        future gives ``(tensor or None, event)`` (see ``_take_frames``). None off CUDA."""
-        if self.device.type != "cuda" or not self.upload_frames_early:
-            return None
-
-        def upload() -> tuple[Optional[torch.Tensor], Any]:
-            stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(stream):
-                frames_dev = self._frame_upload(frames)
-                done = torch.cuda.Event()
-                done.record(stream)
-            return frames_dev, done
-
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frame-upload")
-        try:
-            return pool.submit(upload)
-        finally:
-            pool.shutdown(wait=False)
-
-    def _take_frames(self, upload: Optional[Future], frames: np.ndarray) -> Optional[torch.Tensor]:
-        """The device frames of ``_start_frame_upload``, ordered before this stream's work, or
-        (none started, or it failed) ``_frame_upload(frames)`` now."""
-        if upload is None:
-            return self._frame_upload(frames)
-        try:
-            frames_dev, done = upload.result()
-        except torch.cuda.OutOfMemoryError:
-            log.info("no device memory for the input frames: they are copied per batch")
-            return None
-        if frames_dev is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(done)
-            frames_dev.record_stream(stream)  # made on the upload stream, used (and freed) on this one
-        return frames_dev
 
     def _frame_upload(self, frames: np.ndarray) -> Optional[torch.Tensor]:
         """The distinct input frames as one uint8 tensor on the device, when memory allows."""
@@ -688,17 +648,15 @@ class Pipeline:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[threading.Event] = None,
         stages: Optional[_Stages] = None,
-        frames_upload: Optional[Future] = None,
     ) -> int:
-        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used.
-        ``frames_upload``: ``_start_frame_upload(prep.frames[:prep.n_used])``, started earlier."""
+        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used."""
         st = stages or _Stages(self.device)
         total = int(audio.shape[0])
         plan = _Plan.build(prep, total, batch_size, self.device)
         # With compile on, the graphs for this batch are built (or loaded from the cache) here,
         # once, not inside the loop; a no-op when compile is off or already warm.
         compile_s = self._ensure_compiled(plan.batch, encoder=False)  # a cache hit never runs the encoder
-        frames_dev = self._take_frames(frames_upload, prep.frames[: prep.n_used])
+        frames_dev = self._frame_upload(prep.frames[: prep.n_used])
         timer = _GpuTimer(self.device)
         # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
         # host, and no per-frame swscale on the CPU (colour.rgb_to_i420 matches it, see its tests).
@@ -808,13 +766,9 @@ class Pipeline:
                 progress("decode", 1, 1)
             _check_cancel(cancel)
 
-            # The frames the output uses go to the device while the job prepares.
-            upload = self._start_frame_upload(frames[: used_input_frames(num_out, frames.shape[0])])
             prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
             try:
-                result = self._render(
-                    prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st, upload
-                )
+                result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st)
             finally:
                 if isinstance(prep.masks, MaskStream):
                     prep.masks.close()  # stops the mask thread if the job ended before it did
@@ -836,10 +790,8 @@ class Pipeline:
         progress: Optional[ProgressFn],
         cancel: Optional[threading.Event],
         st: _Stages,
-        upload: Optional[Future] = None,
     ) -> Result:
-        """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``
-        (``upload``: the frames' device copy, started by ``run``)."""
+        """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``."""
         from .media import VideoWriter
 
         with torch.inference_mode():
@@ -865,7 +817,7 @@ class Pipeline:
             except Exception as exc:
                 raise EngineRuntimeError(f"could not start the video encoder for {output.name}: {exc}") from exc
             try:
-                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st, frames_upload=upload)
+                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st)
                 if progress is not None:
                     progress("blend", len(prep.masks), len(prep.masks))
                 t = time.perf_counter()
