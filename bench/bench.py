@@ -371,6 +371,86 @@ def composite_per_frame(frames: Any, faces: Any, masks: Any) -> Any:
     return out
 
 
+def prepare_masks_serial(
+    frames: np.ndarray,
+    boxes: Any,
+    bisenet: Any,
+    *,
+    mode: str = "jaw",
+    left_cheek_width: int = 90,
+    right_cheek_width: int = 90,
+    device: Any = "cpu",
+    batch_size: int = 16,
+    workers: Optional[int] = None,
+    on_ready: Optional[Callable[[dict[int, Any]], None]] = None,
+    stop: Any = None,
+) -> list[Any]:
+    """``blending.prepare_masks`` before its chunks were pipelined (commit b055a13): each chunk's
+    parser inputs, parse and mask finishing one after the other. For the before/after run only
+    (``--masks-pipeline-compare``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from musetalk_job.blending import (
+        IMAGENET_MEAN, IMAGENET_STD, _finish_mask, _module_dtype, _parser_input, crop_box, upload_masks,
+    )
+
+    if len(boxes) != len(frames):
+        raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
+    if mode not in ("jaw", "raw", "neck"):
+        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
+    device = torch.device(device)
+    dtype = _module_dtype(bisenet)
+    todo: list[tuple[int, Any]] = []
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        b = tuple(int(v) for v in box)
+        if b[2] - b[0] <= 0 or b[3] - b[1] <= 0 or crop_box(b)[4] <= 0:
+            continue  # degenerate: the official code cannot blend it either
+        todo.append((i, b))  # type: ignore[arg-type]
+    result: list[Any] = [None] * len(boxes)
+    if on_ready is not None:
+        with_mask = {i for i, _ in todo}
+        on_ready({i: None for i in range(len(boxes)) if i not in with_mask})
+    if not todo:
+        return result
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    batch_size = max(1, int(batch_size))
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(todo), batch_size):
+            if stop is not None and stop.is_set():
+                return result
+            chunk = todo[start : start + batch_size]
+            inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
+            with torch.inference_mode():
+                x = torch.from_numpy(inputs).to(device).permute(0, 3, 1, 2)
+                # torchvision ToTensor + Normalize, in float32 as the official code does.
+                x = x.float().div(255).sub(mean).div(std)
+                logits = bisenet(x.to(dtype))
+                if isinstance(logits, (tuple, list)):
+                    logits = logits[0]
+                classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            masks = pool.map(
+                lambda j: _finish_mask(classes[j], chunk[j][1], mode, left_cheek_width, right_cheek_width),
+                range(len(chunk)),
+            )
+            for (i, _), m in zip(chunk, masks):
+                result[i] = m
+            if on_ready is not None:
+                ready = [result[i] for i, _ in chunk]
+                upload_masks(ready, device)
+                if device.type == "cuda":
+                    # The consumer may be another thread on another stream: the copies must be done.
+                    torch.cuda.current_stream(device).synchronize()
+                on_ready({i: result[i] for i, _ in chunk})
+    # Masks are reused for many output frames: put them on the device now, in one copy.
+    upload_masks(result, device)
+    return result
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) this process has used so far, all its threads (x264's included)."""
     import resource
@@ -642,6 +722,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             preset_runs("warm_composite_per_frame", "cpf", audio)
         finally:
             blending.composite = batched
+    if args.masks_pipeline_compare and not args.only_cold_warm:
+        # The blend masks made chunk after chunk, each chunk's CPU and device work one after the other.
+        from musetalk_job import blending
+
+        pipelined = blending.prepare_masks
+        blending.prepare_masks = prepare_masks_serial
+        try:
+            preset_runs("warm_masks_serial", "ms", audio)
+        finally:
+            blending.prepare_masks = pipelined
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -771,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
+    p.add_argument("--masks-pipeline-compare", type=int, default=1, help="also W1 warm with the mask chunks made one after the other (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -407,6 +407,29 @@ def test_prepare_masks_streams_each_chunk_once_final():
     assert stream.done and stream.wait_all() == final
 
 
+def test_prepare_masks_parses_the_next_chunk_before_publishing_this_one():
+    """The chunks are pipelined: the parser is already on chunk k+1 when chunk k's masks are
+    published (their CPU finishing overlapped the device's parsing), with the serial result."""
+    frames, boxes = _scene()
+    frames, boxes = np.concatenate([frames, frames]), boxes + boxes  # 6 frames with a face: chunks of 2
+    parses: list[int] = []
+
+    class Counting(ColourParser):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            parses.append(x.shape[0])
+            return super().forward(x)
+
+    seen: list[tuple[list[int], int]] = []
+    out = prepare_masks(frames, boxes, Counting().eval(), device="cpu", batch_size=2,
+                        on_ready=lambda items: seen.append((sorted(items), len(parses))))
+    chunks = [(keys, n) for keys, n in seen if any(out[i] is not None for i in keys)]
+    assert [keys for keys, _ in chunks] == [[0, 1], [3, 4], [5, 7]]
+    assert [n for _, n in chunks] == [2, 3, 3]  # chunk k published after parse k+1 began (the last: nothing after it)
+    serial = [prepare_masks(frames[i : i + 1], boxes[i : i + 1], ColourParser().eval(), device="cpu")[0] for i in range(8)]
+    for a, b in zip(out, serial):
+        assert (a is None and b is None) or (a.box == b.box and np.array_equal(a.alpha, b.alpha))
+
+
 def test_prepare_masks_stops_when_asked():
     frames, boxes = _scene()
     stop = threading.Event()

@@ -364,33 +364,50 @@ def prepare_masks(
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     batch_size = max(1, int(batch_size))
+    chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    # A three-stage pipeline over the chunks: while the parser runs on chunk k (device), the pool
+    # finishes the masks of chunk k-1 and makes the parser inputs of chunk k+1 (CPU; PIL and
+    # OpenCV release the GIL). The same functions on the same data: only the order of work changes.
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(todo), batch_size):
+
+        def parser_inputs(chunk: list[tuple[int, Box]]) -> list[Any]:
+            return [pool.submit(_parser_input, frames[i], box) for i, box in chunk]
+
+        def publish(chunk: list[tuple[int, Box]], finishing: list[Any]) -> None:
+            for (i, _), future in zip(chunk, finishing):
+                result[i] = future.result()
+            if on_ready is not None:
+                upload_masks([result[i] for i, _ in chunk], device)
+                if device.type == "cuda":
+                    # The consumer may be another thread on another stream: the copies must be done.
+                    torch.cuda.current_stream(device).synchronize()
+                on_ready({i: result[i] for i, _ in chunk})
+
+        inputs = parser_inputs(chunks[0])
+        previous: Optional[tuple[list[tuple[int, Box]], list[Any]]] = None
+        for k, chunk in enumerate(chunks):
             if stop is not None and stop.is_set():
                 return result
-            chunk = todo[start : start + batch_size]
-            inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
+            batch = np.stack([future.result() for future in inputs])
+            if k + 1 < len(chunks):
+                inputs = parser_inputs(chunks[k + 1])
             with torch.inference_mode():
-                x = torch.from_numpy(inputs).to(device).permute(0, 3, 1, 2)
+                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
                 # torchvision ToTensor + Normalize, in float32 as the official code does.
                 x = x.float().div(255).sub(mean).div(std)
                 logits = bisenet(x.to(dtype))
                 if isinstance(logits, (tuple, list)):
                     logits = logits[0]
-                classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
-            masks = pool.map(
-                lambda j: _finish_mask(classes[j], chunk[j][1], mode, left_cheek_width, right_cheek_width),
-                range(len(chunk)),
-            )
-            for (i, _), m in zip(chunk, masks):
-                result[i] = m
-            if on_ready is not None:
-                ready = [result[i] for i, _ in chunk]
-                upload_masks(ready, device)
-                if device.type == "cuda":
-                    # The consumer may be another thread on another stream: the copies must be done.
-                    torch.cuda.current_stream(device).synchronize()
-                on_ready({i: result[i] for i, _ in chunk})
+                classes_dev = logits.argmax(dim=1).to(torch.uint8)
+                if previous is not None:  # finished on the pool while the device parsed this chunk
+                    publish(*previous)
+                    if stop is not None and stop.is_set():
+                        return result
+                classes = classes_dev.cpu().numpy()
+            previous = (chunk, [pool.submit(_finish_mask, classes[j], box, mode, left_cheek_width, right_cheek_width)
+                                for j, (_, box) in enumerate(chunk)])
+        if previous is not None and not (stop is not None and stop.is_set()):
+            publish(*previous)
     # Masks are reused for many output frames: put them on the device now, in one copy.
     upload_masks(result, device)
     return result
