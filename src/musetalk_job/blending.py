@@ -12,13 +12,15 @@ Contract
   blurred alpha of every input frame, restricted to its face box. Computed once per
   distinct input frame (the official code recomputes it for every output frame).
   ``on_ready({index: mask})`` is called as each chunk of masks is final (and on the device);
-  ``stop`` (an Event) ends the work early.
+  ``stop`` (an Event) ends the work early. The chunks are pipelined (parse of chunk k beside
+  the CPU work of chunks k-1 and k+1).
 - ``MaskStream(n)``: the masks of a job while a background thread still makes them: a read-only
   sequence whose ``stream[i]`` waits until mask ``i`` is published (``publish``), re-raises the
   producer's error (``fail``), and records the seconds readers waited (``waited_s``). The engine
   composites the first batches while later masks are still being made.
 - ``composite(frames, faces, masks)``: the generated 256x256 faces resized to their boxes
-  and alpha-blended into the frames with PIL's exact rounding, on the tensors' device.
+  and alpha-blended into the frames with PIL's exact rounding, on the tensors' device, the
+  whole batch at once (gathers over the boxes padded to the largest).
 
 Why only the box region of the mask is kept: officially the whole 2s x 2s crop is pasted
 back with the blurred mask, and the blur spreads the mask a few pixels beyond the face
