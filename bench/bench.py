@@ -24,6 +24,7 @@ Weights are random: the figures are about speed, not quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -34,7 +35,7 @@ import sys
 import time
 import wave
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -393,27 +394,13 @@ def prepare_masks_serial(
     import torch
 
     from musetalk_job.blending import (
-        IMAGENET_MEAN, IMAGENET_STD, _finish_mask, _module_dtype, _parser_input, crop_box, upload_masks,
+        IMAGENET_MEAN, IMAGENET_STD, _finish_mask, _masks_to_make, _module_dtype, _parser_input, upload_masks,
     )
 
-    if len(boxes) != len(frames):
-        raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
-    if mode not in ("jaw", "raw", "neck"):
-        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
+    todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
     dtype = _module_dtype(bisenet)
-    todo: list[tuple[int, Any]] = []
-    for i, box in enumerate(boxes):
-        if box is None:
-            continue
-        b = tuple(int(v) for v in box)
-        if b[2] - b[0] <= 0 or b[3] - b[1] <= 0 or crop_box(b)[4] <= 0:
-            continue  # degenerate: the official code cannot blend it either
-        todo.append((i, b))  # type: ignore[arg-type]
     result: list[Any] = [None] * len(boxes)
-    if on_ready is not None:
-        with_mask = {i for i, _ in todo}
-        on_ready({i: None for i in range(len(boxes)) if i not in with_mask})
     if not todo:
         return result
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -449,6 +436,19 @@ def prepare_masks_serial(
     # Masks are reused for many output frames: put them on the device now, in one copy.
     upload_masks(result, device)
     return result
+
+
+@contextlib.contextmanager
+def engine_function(name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    """``musetalk_job.blending.<name>`` replaced for the runs inside (the engine looks it up per call)."""
+    from musetalk_job import blending
+
+    kept = getattr(blending, name)
+    setattr(blending, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(blending, name, kept)
 
 
 def cpu_seconds() -> float:
@@ -714,24 +714,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         preset_runs("warm_no_graphs", "ng", audio, cuda_graphs=False)
     if args.composite_compare and not args.only_cold_warm:
         # The composite as it was: a few tensor operations per frame instead of per batch.
-        from musetalk_job import blending
-
-        batched = blending.composite
-        blending.composite = composite_per_frame
-        try:
+        with engine_function("composite", composite_per_frame):
             preset_runs("warm_composite_per_frame", "cpf", audio)
-        finally:
-            blending.composite = batched
     if args.masks_pipeline_compare and not args.only_cold_warm:
         # The blend masks made chunk after chunk, each chunk's CPU and device work one after the other.
-        from musetalk_job import blending
-
-        pipelined = blending.prepare_masks
-        blending.prepare_masks = prepare_masks_serial
-        try:
+        with engine_function("prepare_masks", prepare_masks_serial):
             preset_runs("warm_masks_serial", "ms", audio)
-        finally:
-            blending.prepare_masks = pipelined
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)

@@ -318,6 +318,30 @@ def _module_dtype(module: Any) -> torch.dtype:
     return torch.float32
 
 
+def _masks_to_make(
+    frames: np.ndarray, boxes: Sequence[Optional[Sequence[int]]], mode: str,
+    on_ready: Optional[Callable[[dict[int, Optional[BlendMask]]], None]],
+) -> list[tuple[int, Box]]:
+    """``prepare_masks``' checks and work list: ``(frame index, box)`` for each frame that gets a
+    mask; ``on_ready`` is told at once about the frames that get none."""
+    if len(boxes) != len(frames):
+        raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
+    if mode not in ("jaw", "raw", "neck"):
+        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
+    todo: list[tuple[int, Box]] = []
+    for i, box in enumerate(boxes):
+        if box is None:
+            continue
+        b = tuple(int(v) for v in box)
+        if b[2] - b[0] <= 0 or b[3] - b[1] <= 0 or crop_box(b)[4] <= 0:
+            continue  # degenerate: the official code cannot blend it either
+        todo.append((i, b))  # type: ignore[arg-type]
+    if on_ready is not None:
+        with_mask = {i for i, _ in todo}
+        on_ready({i: None for i in range(len(boxes)) if i not in with_mask})
+    return todo
+
+
 def prepare_masks(
     frames: np.ndarray,
     boxes: Sequence[Optional[Sequence[int]]],
@@ -343,24 +367,10 @@ def prepare_masks(
     without a mask first, then after each chunk, once that chunk's masks are on the device.
     ``stop``: when set, the function returns early (the result is then incomplete).
     """
-    if len(boxes) != len(frames):
-        raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
-    if mode not in ("jaw", "raw", "neck"):
-        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
+    todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
     dtype = _module_dtype(bisenet)
-    todo: list[tuple[int, Box]] = []
-    for i, box in enumerate(boxes):
-        if box is None:
-            continue
-        b = tuple(int(v) for v in box)
-        if b[2] - b[0] <= 0 or b[3] - b[1] <= 0 or crop_box(b)[4] <= 0:
-            continue  # degenerate: the official code cannot blend it either
-        todo.append((i, b))  # type: ignore[arg-type]
     result: list[Optional[BlendMask]] = [None] * len(boxes)
-    if on_ready is not None:
-        with_mask = {i for i, _ in todo}
-        on_ready({i: None for i in range(len(boxes)) if i not in with_mask})
     if not todo:
         return result
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
