@@ -720,9 +720,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         # The blend masks made chunk after chunk, each chunk's CPU and device work one after the other.
         with engine_function("prepare_masks", prepare_masks_serial):
             preset_runs("warm_masks_serial", "ms", audio)
-    if args.latents_compare and not args.only_cold_warm:
-        # Every latent made before generating (the previous behaviour) against chunk by chunk in the loop.
-        preset_runs("warm_latents_first", "lf", audio, overlap_latents=False)
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -853,7 +850,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
     p.add_argument("--masks-pipeline-compare", type=int, default=1, help="also W1 warm with the mask chunks made one after the other (1/0)")
-    p.add_argument("--latents-compare", type=int, default=1, help="also W1 warm with every latent made before generating (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

@@ -345,43 +345,6 @@ def test_masks_overlap_generation_and_stop_with_a_cancelled_job(pipe, face_video
     assert not stream.done
 
 
-def test_latents_are_made_as_generation_needs_them_and_match_making_them_first(
-    pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch
-) -> None:
-    """With overlap_latents the generate loop starts after the first chunk of latents (the VAE
-    encode is interleaved with it), and the output equals making every latent first."""
-    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.5)  # 12 frames, 10 with a face
-    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)  # encode chunks of 2 faces
-    events: list[str] = []
-    real_encode = pipe.models.vae.encode
-
-    def encode(x, *a, **k):
-        events.append("vae")
-        return real_encode(x, *a, **k)
-
-    monkeypatch.setattr(pipe.models.vae, "encode", encode)
-
-    def progress(stage: str, done: int, total: int) -> None:
-        events.append(stage)
-
-    first = pipe.run(face_video, short, tmp_path / "overlap.mkv", opts, progress=progress)
-    assert events.count("vae") == 5  # 10 faces, 2 per call
-    first_generate = events.index("generate")
-    assert 0 < events[:first_generate].count("vae") < 5, events  # some latents made before, some after
-    assert events.index("latents") > first_generate  # reported done from inside the loop
-    assert first.stage_seconds["latents"] > 0
-
-    events.clear()
-    pipe.overlap_latents = False
-    try:
-        second = pipe.run(face_video, short, tmp_path / "first.mkv", opts, progress=progress)
-    finally:
-        pipe.overlap_latents = True
-    assert events.index("latents") < events.index("generate")
-    assert events[: events.index("generate")].count("vae") == 5
-    np.testing.assert_array_equal(_read(first.output), _read(second.output))
-
-
 def _oom_once(real, calls: list):
     def flaky(x, *a, **k):
         calls.append(int(x.shape[0]))

@@ -724,7 +724,7 @@ def to_cached(prepared: "PreparedVideo", options: EngineOptions) -> CachedAvatar
         version=prepared.version,
         boxes=[None if b is None else tuple(int(v) for v in b) for b in prepared.boxes],  # type: ignore[misc]
         face_rows=np.asarray(prepared.face_rows, dtype=np.int64).copy(),
-        latents=prepared.ensure_latents().detach().to("cpu"),
+        latents=prepared.latents.detach().to("cpu"),
         masks=[None if m is None else _mask_parts(m) for m in prepared.masks],  # type: ignore[misc]
     )
 

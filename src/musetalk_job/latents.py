@@ -11,16 +11,12 @@ Contract (official v1.5 parity, see docs/engine.md):
   — the distribution mean instead of upstream's unseeded ``sample()``.
 - ``decode_latents(vae, latents)``: predicted latents ``[B,4,32,32]`` → uint8 RGB ``[B,256,256,3]``
   on the device: ``round(clamp(decode(z/0.18215)/2 + 0.5, 0, 1) · 255)``.
-- ``LatentStream``: the latents of a job's faces made chunk by chunk when first needed, so that
-  generation starts after the first chunk instead of after all of them (docs/engine.md).
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import cv2
@@ -134,78 +130,3 @@ def _decode_chunk(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     img = vae.decode(latents / scaling_factor(vae)).sample
     img = (img / 2 + 0.5).clamp(0, 1)  # in the model dtype, as upstream
     return (img.float() * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-class LatentStream:
-    """The ``[n, 8, 32, 32]`` latents of ``n`` faces, encoded in chunks when first asked for.
-
-    ``crop(a, b)`` makes the uint8 crops of faces ``a..b-1`` (CPU; run on a helper thread, up to
-    ``ahead`` chunks ahead of the encoder); ``encode(crops)`` turns them into their latent rows (on
-    the caller's thread, so on its CUDA stream, in launch order with the rest of its work).
-    ``ensure(rows)`` makes rows ``0..rows-1`` (all when ``None``) and returns the whole tensor,
-    whose later rows are unset until ensured. A crop or encode error is raised by ``ensure``;
-    ``close()`` stops the helper (pending crops are dropped). ``seconds`` is the host time
-    ``ensure`` spent; ``done`` says whether every row exists.
-    """
-
-    def __init__(
-        self,
-        out: torch.Tensor,
-        crop: Callable[[int, int], torch.Tensor],
-        encode: Callable[[torch.Tensor], torch.Tensor],
-        chunk: int,
-        *,
-        ahead: int = 2,
-    ) -> None:
-        self.out = out
-        self.n = int(out.shape[0])
-        self.rows_done = 0
-        self.seconds = 0.0
-        self._crop, self._encode = crop, encode
-        self._chunk = max(1, int(chunk))
-        self._ahead = max(1, int(ahead))
-        self._queued = 0  # faces handed to the crop thread so far
-        self._pending: deque[tuple[int, int, Future[torch.Tensor]]] = deque()
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    @property
-    def done(self) -> bool:
-        return self.rows_done >= self.n
-
-    def _fill_queue(self) -> None:
-        while len(self._pending) < self._ahead and self._queued < self.n:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crop-ahead")
-            a, b = self._queued, min(self.n, self._queued + self._chunk)
-            self._pending.append((a, b, self._pool.submit(self._crop, a, b)))
-            self._queued = b
-
-    def start(self) -> "LatentStream":
-        """Start cropping the first chunks now (before anything asks for them)."""
-        self._fill_queue()
-        return self
-
-    def ensure(self, rows: Optional[int] = None) -> torch.Tensor:
-        target = self.n if rows is None else min(self.n, int(rows))
-        if self.rows_done >= target:
-            return self.out
-        t = time.perf_counter()
-        try:
-            while self.rows_done < target:
-                self._fill_queue()
-                a, b, future = self._pending.popleft()
-                crops = future.result()
-                self._fill_queue()  # the next chunk is cropped while this one encodes
-                self.out[a:b] = self._encode(crops)
-                self.rows_done = b
-        finally:
-            self.seconds += time.perf_counter() - t
-        if self.done:
-            self.close()
-        return self.out
-
-    def close(self) -> None:
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None

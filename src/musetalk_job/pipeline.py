@@ -14,11 +14,9 @@ Contract::
    ``T < N`` only the first ``T`` input frames are used, so only those are analysed (all of them
    when ``save_boxes`` is set). No face in any used frame → ``InputMediaError``.
 3. ``latents``   — per distinct input frame with a face, once: crop (box + ``extra_margin`` for
-   v1.5) → 256² LANCZOS4 → VAE mean latents ``[N_face, 8, 32, 32]`` on the device, made chunk by
-   chunk as ``generate`` first needs them (``latents.LatentStream``; their time is still timed as
-   ``latents``); blend masks (BiSeNet) once per distinct frame, in a background thread that runs
-   on into ``generate`` (``blending.MaskStream``; the time ``generate`` waits for them is timed as
-   ``blend``).
+   v1.5) → 256² LANCZOS4 → VAE mean latents ``[N_face, 8, 32, 32]`` on the device; blend masks
+   (BiSeNet) once per distinct frame, in a background thread that runs on into ``generate``
+   (``blending.MaskStream``; the time ``generate`` waits for them is timed as ``blend``).
 4. ``audio``     — Whisper features → ``[T, 50, 384]`` windows + positional encoding.
 5. ``generate``  — batches over output frames: UNet(t=0) + VAE decode for the frames with a face,
    composite on the device (``blend``), copy to pinned host memory, hand to the background
@@ -50,7 +48,7 @@ import torch
 from . import compiled, graphs
 from .blending import MaskStream
 from .errors import Cancelled, EngineRuntimeError, InputMediaError, JobError, SpecError
-from .latents import LatentStream, crop_faces, decode_latents, encode_chunk, encode_faces
+from .latents import crop_faces, decode_latents, encode_chunk, encode_faces
 from .options import EngineOptions, ProgressFn, Result
 
 log = logging.getLogger(__name__)
@@ -95,8 +93,6 @@ class PreparedVideo:
 
     ``latents``/``masks``/``face_rows`` cover ``frames[:n_used]``; ``boxes`` has one entry per
     input frame (before ``extra_margin``; ``None`` for no face or a frame that was not analysed).
-    While ``latent_stream`` is set, rows of ``latents`` are made when first needed: read them
-    through ``ensure_latents``.
     """
 
     frames: np.ndarray  # [N, H, W, 3] uint8 RGB
@@ -108,20 +104,6 @@ class PreparedVideo:
     masks: Sequence[Any]  # [n_used] blending.BlendMask | None (box after extra_margin); a MaskStream while in the making
     version: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    latent_stream: Optional[LatentStream] = None  # rows of ``latents`` still being made
-
-    def ensure_latents(self, rows: Optional[int] = None) -> torch.Tensor:
-        """``latents`` with at least rows ``0..rows-1`` made (every row when ``None``)."""
-        if self.latent_stream is not None:
-            self.latent_stream.ensure(rows)
-        return self.latents
-
-    def close(self) -> None:
-        """Stop the helper threads still making masks or latents (a job that ended early)."""
-        if isinstance(self.masks, MaskStream):
-            self.masks.close()
-        if self.latent_stream is not None:
-            self.latent_stream.close()
 
     @property
     def num_frames(self) -> int:
@@ -223,10 +205,6 @@ class Pipeline:
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
-        # The latents are made chunk by chunk as the generate loop first needs them, so the loop
-        # (and the encoder behind it) starts after one chunk; False makes all of them in
-        # prepare_video first (benchmarks' before/after).
-        self.overlap_latents = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -489,28 +467,26 @@ class Pipeline:
 
         masks = MaskStream(n_used)
         self._start_masks(masks, frames[:n_used], used_boxes, mode, options, batch)
-        stream: Optional[LatentStream] = None
         try:
             # The blend masks (BiSeNet on a side stream, then CPU crops, resizes, morphology) are
-            # made in a background thread that runs on into the generate loop, which waits only for
-            # the masks of the batch it composites ("blend"). The latents are made in that loop
-            # too, a chunk at a time, when a batch first needs them (overlap_latents).
+            # made in a background thread while this one crops and VAE-encodes, and on into the
+            # generate loop, which waits only for the masks of the batch it composites ("blend").
             with st.stage("latents"):
                 # With compile on, the encoder's graphs are built (or loaded) here, once per process.
                 self._ensure_compiled(batch, encoder=True)
-                stream = self._latent_stream(frames, [used_boxes[j] for j in face_idx], face_idx, self._encode_batch(batch))
-                if not self.overlap_latents:
-                    stream.ensure()
-                    if progress is not None:
-                        progress("latents", len(face_idx), len(face_idx))
+                latents = self._with_oom_retry(
+                    lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b),
+                    self._encode_batch(batch),
+                    "VAE encode",
+                )
+                if progress is not None:
+                    progress("latents", len(face_idx), len(face_idx))
             _check_cancel(cancel)
             if not self.overlap_masks:
                 with st.stage("blend"):
                     masks.wait_all()
         except BaseException:
             masks.close()
-            if stream is not None:
-                stream.close()
             raise
         return PreparedVideo(
             frames=frames,
@@ -518,11 +494,10 @@ class Pipeline:
             boxes=boxes,
             n_used=n_used,
             face_rows=face_rows,
-            latents=stream.out,
+            latents=latents,
             masks=masks,
             version=self.version,
             stage_seconds=dict(st.seconds),
-            latent_stream=None if stream.done else stream,
         )
 
     def _start_masks(
@@ -554,28 +529,29 @@ class Pipeline:
 
         threading.Thread(target=work, name="blend-masks", daemon=True).start()
 
-    def _latent_stream(self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int) -> LatentStream:
-        """The latents of the faces ``frames[rows]``, made in chunks of ``batch`` crops when first
-        needed: crops (CPU, LANCZOS4) on a helper thread ahead of the VAE encode (this thread,
-        halving its batch on out-of-memory). Cropping starts now."""
-        from .latents import LATENT_SIZE
+    def _encode_crops(self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int) -> torch.Tensor:
+        """Crop (CPU, LANCZOS4) and VAE-encode the faces ``frames[rows]`` in chunks of ``batch``:
+        the next chunk is cropped on a thread while the device encodes this one."""
+        n = len(rows)
+        out: Optional[torch.Tensor] = None
 
-        p = next(self.models.vae.parameters())
-        out = torch.empty((len(rows), 8, LATENT_SIZE, LATENT_SIZE), dtype=p.dtype, device=p.device)
-        encode_batch = [batch]  # lowered for the rest of the job after running out of memory
-
-        def crop(a: int, b: int) -> torch.Tensor:
-            t = torch.from_numpy(crop_faces([frames[j] for j in rows[a:b]], boxes[a:b]))
+        def crop(a: int) -> torch.Tensor:
+            t = torch.from_numpy(crop_faces([frames[j] for j in rows[a : a + batch]], boxes[a : a + batch]))
             return t.pin_memory() if self.device.type == "cuda" else t
 
-        def encode(crops: torch.Tensor) -> torch.Tensor:
-            def run(b: int) -> torch.Tensor:
-                encode_batch[0] = b
-                return encode_faces(self.models.vae, crops, b, pad=self.pad_batches, encode=self.encode_step)
-
-            return self._with_oom_retry(run, encode_batch[0], "VAE encode")
-
-        return LatentStream(out, crop, encode, batch).start()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crop-ahead") as pool:
+            nxt = pool.submit(crop, 0) if n else None
+            for a in range(0, n, batch):
+                crops = nxt.result()
+                nxt = pool.submit(crop, a + batch) if a + batch < n else None
+                lat = encode_faces(self.models.vae, crops, batch, pad=self.pad_batches, encode=self.encode_step)
+                if out is None:
+                    out = torch.empty((n, *lat.shape[1:]), dtype=lat.dtype, device=lat.device)
+                out[a : a + lat.shape[0]] = lat
+        if out is None:
+            p = next(self.models.vae.parameters())
+            out = torch.empty((0, 8, 32, 32), dtype=p.dtype, device=p.device)
+        return out
 
     def _with_oom_retry(self, fn: Any, batch: int, what: str) -> Any:
         while True:
@@ -641,10 +617,6 @@ class Pipeline:
         n_face = int(b - a)
         if n_face == 0:
             return frames_b
-        if prep.latent_stream is not None and not prep.latent_stream.done:
-            timer.mark("latents_start")  # the latent rows this batch is the first to need
-            prep.ensure_latents(int(plan.face_rows[a:b].max()) + 1)
-            timer.mark("latents_end")
         timer.mark("generate_start")
         # Pad the face batch to a bucket size (CUDA) so a few fixed shapes cover every batch:
         # each new shape costs first-use set-up, and ragged tails would add shapes.
@@ -729,9 +701,7 @@ class Pipeline:
             encode_s += self._write(writer, *pending, i420=i420)
         st.sync()
         loop_s = time.perf_counter() - t0
-        gen_s, composite_s, latents_s = timer.totals()
-        if prep.latent_stream is not None and prep.latent_stream.done and progress is not None:
-            progress("latents", prep.latent_stream.n, prep.latent_stream.n)
+        gen_s, composite_s = timer.totals()
         masks_wait_s = float(getattr(prep.masks, "waited_s", 0.0)) - masks_waited0
         blend_s = composite_s
         if self.device.type == "cuda":  # host time waiting for masks still being made (on CPU the composite span has it)
@@ -739,11 +709,9 @@ class Pipeline:
         # On CPU the marks are exact wall-clock spans. On CUDA they are device (event) times; the
         # loop's remaining wall time (frame gathers, copies to the host) is counted as generate, so
         # the stages add up to the wall time. encode = host time blocked handing frames to the encoder.
-        st.add("generate", gen_s if self.device.type != "cuda" else max(gen_s, loop_s - blend_s - encode_s - latents_s))
+        st.add("generate", gen_s if self.device.type != "cuda" else max(gen_s, loop_s - blend_s - encode_s))
         st.add("blend", blend_s)
-        st.add("latents", latents_s)
         self.last_timings = {"generate_loop_s": loop_s, "unet_decode_device_s": gen_s, "composite_device_s": composite_s,
-                             "latents_in_loop_s": latents_s,
                              "encoder_wait_s": encode_s, "masks_wait_s": masks_wait_s, "output_frames": total, "batch_size": batch,
                              "compile_s": compile_s, "cuda_graphs": self.cuda_graphs,
                              "cuda_graph_captures": self.face_step.captures + self.encode_step.captures}
@@ -802,7 +770,8 @@ class Pipeline:
             try:
                 result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st)
             finally:
-                prep.close()  # stops the mask and crop threads if the job ended before they did
+                if isinstance(prep.masks, MaskStream):
+                    prep.masks.close()  # stops the mask thread if the job ended before it did
             if remember is not None:
                 remember()  # the avatar cache entry, now that every mask is made
             return result
@@ -947,8 +916,7 @@ class _Plan:
     in_idx_dev: torch.Tensor
     face_out: np.ndarray  # sorted output indices whose input frame has a face
     face_out_dev: torch.Tensor
-    face_rows: np.ndarray  # latent row for each entry of face_out
-    face_rows_dev: torch.Tensor
+    face_rows_dev: torch.Tensor  # latent row for each entry of face_out
     batch: int
 
     @classmethod
@@ -961,7 +929,6 @@ class _Plan:
             in_idx_dev=torch.from_numpy(in_idx).to(device),
             face_out=face_out,
             face_out_dev=torch.from_numpy(face_out).to(device),
-            face_rows=rows[face_out],
             face_rows_dev=torch.from_numpy(rows[face_out]).to(device),
             batch=batch,
         )
@@ -1005,14 +972,11 @@ class _GpuTimer:
     def _span(self, a: Any, b: Any) -> float:
         return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
 
-    def totals(self) -> tuple[float, float, float]:
-        """Summed (generate, composite, latents) spans."""
-        gen = blend = lat = 0.0
+    def totals(self) -> tuple[float, float]:
+        gen = blend = 0.0
         for m in self._batches:
-            if "latents_start" in m and "latents_end" in m:
-                lat += self._span(m["latents_start"], m["latents_end"])
             if "generate_start" in m and "generate_end" in m:
                 gen += self._span(m["generate_start"], m["generate_end"])
             if "generate_end" in m and "blend_end" in m:
                 blend += self._span(m["generate_end"], m["blend_end"])
-        return gen, blend, lat
+        return gen, blend
