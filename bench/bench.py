@@ -393,9 +393,7 @@ def prepare_masks_serial(
 
     import torch
 
-    from musetalk_job.blending import (
-        IMAGENET_MEAN, IMAGENET_STD, _finish_mask, _masks_to_make, _module_dtype, _parser_input, upload_masks,
-    )
+    from musetalk_job.blending import _finish_mask, _masks_to_make, _module_dtype, _parse, _parser_input, upload_masks
 
     todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
@@ -403,8 +401,6 @@ def prepare_masks_serial(
     result: list[Any] = [None] * len(boxes)
     if not todo:
         return result
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     batch_size = max(1, int(batch_size))
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
         for start in range(0, len(todo), batch_size):
@@ -412,14 +408,7 @@ def prepare_masks_serial(
                 return result
             chunk = todo[start : start + batch_size]
             inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
-            with torch.inference_mode():
-                x = torch.from_numpy(inputs).to(device).permute(0, 3, 1, 2)
-                # torchvision ToTensor + Normalize, in float32 as the official code does.
-                x = x.float().div(255).sub(mean).div(std)
-                logits = bisenet(x.to(dtype))
-                if isinstance(logits, (tuple, list)):
-                    logits = logits[0]
-                classes = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            classes = _parse(bisenet, inputs, device, dtype).cpu().numpy()
             masks = pool.map(
                 lambda j: _finish_mask(classes[j], chunk[j][1], mode, left_cheek_width, right_cheek_width),
                 range(len(chunk)),

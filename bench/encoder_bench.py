@@ -29,6 +29,9 @@ from typing import Any, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import cpu_seconds  # noqa: E402  (bench/bench.py)
 
 
 def make_frames(n: int, width: int = 1280, height: int = 720, fps: float = 25.0) -> np.ndarray:
@@ -36,14 +39,6 @@ def make_frames(n: int, width: int = 1280, height: int = 720, fps: float = 25.0)
 
     src = _astronaut()
     return np.stack([_face_frame(src, width, height, i / fps) for i in range(n)])
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process so far, all threads."""
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def writer_run(frames: np.ndarray, i420: Optional[np.ndarray], preset: str, workers: int, out: Path,

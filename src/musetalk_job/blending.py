@@ -318,6 +318,20 @@ def _module_dtype(module: Any) -> torch.dtype:
     return torch.float32
 
 
+def _parse(bisenet: Any, inputs: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """BiSeNet on uint8 parser inputs ``[B, 512, 512, 3]`` -> uint8 classes ``[B, 512, 512]`` on
+    ``device`` (queued, not waited for); normalised as torchvision's ToTensor + Normalize, in
+    float32 as the official code does."""
+    with torch.inference_mode():
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        x = torch.from_numpy(inputs).to(device).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+        logits = bisenet(x.to(dtype))
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        return logits.argmax(dim=1).to(torch.uint8)
+
+
 def _masks_to_make(
     frames: np.ndarray, boxes: Sequence[Optional[Sequence[int]]], mode: str,
     on_ready: Optional[Callable[[dict[int, Optional[BlendMask]]], None]],
@@ -373,8 +387,6 @@ def prepare_masks(
     result: list[Optional[BlendMask]] = [None] * len(boxes)
     if not todo:
         return result
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     batch_size = max(1, int(batch_size))
     chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     # A three-stage pipeline over the chunks: while the parser runs on chunk k (device), the pool
@@ -395,30 +407,26 @@ def prepare_masks(
                     torch.cuda.current_stream(device).synchronize()
                 on_ready({i: result[i] for i, _ in chunk})
 
+        def stopped() -> bool:
+            return stop is not None and stop.is_set()
+
         inputs = parser_inputs(chunks[0])
         previous: Optional[tuple[list[tuple[int, Box]], list[Any]]] = None
         for k, chunk in enumerate(chunks):
-            if stop is not None and stop.is_set():
+            if stopped():
                 return result
             batch = np.stack([future.result() for future in inputs])
             if k + 1 < len(chunks):
                 inputs = parser_inputs(chunks[k + 1])
-            with torch.inference_mode():
-                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)
-                # torchvision ToTensor + Normalize, in float32 as the official code does.
-                x = x.float().div(255).sub(mean).div(std)
-                logits = bisenet(x.to(dtype))
-                if isinstance(logits, (tuple, list)):
-                    logits = logits[0]
-                classes_dev = logits.argmax(dim=1).to(torch.uint8)
-                if previous is not None:  # finished on the pool while the device parsed this chunk
-                    publish(*previous)
-                    if stop is not None and stop.is_set():
-                        return result
-                classes = classes_dev.cpu().numpy()
+            classes_dev = _parse(bisenet, batch, device, dtype)
+            if previous is not None:  # finished on the pool while the device parsed this chunk
+                publish(*previous)
+                if stopped():
+                    return result
+            classes = classes_dev.cpu().numpy()
             previous = (chunk, [pool.submit(_finish_mask, classes[j], box, mode, left_cheek_width, right_cheek_width)
                                 for j, (_, box) in enumerate(chunk)])
-        if previous is not None and not (stop is not None and stop.is_set()):
+        if previous is not None and not stopped():
             publish(*previous)
     # Masks are reused for many output frames: put them on the device now, in one copy.
     upload_masks(result, device)
