@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import subprocess
+import statistics
 import sys
 import time
 import wave
@@ -385,10 +386,11 @@ def prepare_masks_serial(
     workers: Optional[int] = None,
     on_ready: Optional[Callable[[dict[int, Any]], None]] = None,
     stop: Any = None,
+    frames_ready: Optional[Callable[[int], None]] = None,
 ) -> list[Any]:
     """``blending.prepare_masks`` before its chunks were pipelined (commit b055a13): each chunk's
     parser inputs, parse and mask finishing one after the other. For the before/after run only
-    (``--masks-pipeline-compare``)."""
+    (``--masks-pipeline-compare``). ``frames_ready`` as in ``prepare_masks``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -407,6 +409,8 @@ def prepare_masks_serial(
             if stop is not None and stop.is_set():
                 return result
             chunk = todo[start : start + batch_size]
+            if frames_ready is not None:
+                frames_ready(chunk[-1][0] + 1)
             inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
             classes = _parse(bisenet, inputs, device, dtype).cpu().numpy()
             masks = pool.map(
@@ -709,6 +713,26 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         # The blend masks made chunk after chunk, each chunk's CPU and device work one after the other.
         with engine_function("prepare_masks", prepare_masks_serial):
             preset_runs("warm_masks_serial", "ms", audio)
+    if args.stream_decode_compare and not args.only_cold_warm:
+        # Crops, VAE encode and masks reading each frame as soon as it is decoded (the default)
+        # against decoding every frame first; the rounds alternate which goes first.
+        for r in range(args.stream_decode_compare):
+            for streamed in ((True, False) if r % 2 == 0 else (False, True)):
+                name = "streamed" if streamed else "decode_first"
+                preset_runs(f"warm_{name}_r{r}", f"sd{int(streamed)}{r}", audio, stream_decode=streamed)
+        summary: dict[str, Any] = {}
+        for sfx in ["", f"_preset_{args.fast_preset}" if args.fast_preset else None]:
+            if sfx is None:
+                continue
+            walls = {name: [runs[f"warm_{name}_r{r}{sfx}"]["wall_s"] for r in range(args.stream_decode_compare)]
+                     for name in ("streamed", "decode_first")}
+            summary[sfx.lstrip("_") or "default_preset"] = {
+                "median_wall_s": {name: round(statistics.median(v), 3) for name, v in walls.items()},
+                "same_output": len({runs[f"warm_{n}_r{r}{sfx}"]["output_sha256"] for n in walls
+                                    for r in range(args.stream_decode_compare)}) == 1,
+            }
+        report["stream_decode_compare"] = summary
+        save()
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -838,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
+    p.add_argument("--stream-decode-compare", type=int, default=1,
+                   help="rounds of W1 warm with the frames used while they decode against decoded first (0: skip)")
     p.add_argument("--masks-pipeline-compare", type=int, default=1, help="also W1 warm with the mask chunks made one after the other (1/0)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")

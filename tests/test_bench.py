@@ -59,6 +59,9 @@ def test_bench_smoke_reports_w1_runs_that_match_their_output(report: dict) -> No
         assert run["wall_s"] > 0 and abs(run["output_fps"] - run["frames"] / run["wall_s"]) < 0.2
         assert run["output_bytes"] > 1000
         assert run["detail"]["output_frames"] == run["frames"] and "masks_wait_s" in run["detail"]
+    # The decode-first "before" of the streamed decode ran beside it and wrote the same bytes.
+    compare = report["stream_decode_compare"]["default_preset"]
+    assert compare["same_output"] and set(compare["median_wall_s"]) == {"streamed", "decode_first"}
 
 
 def test_bench_smoke_times_each_model_and_the_landmarks(report: dict) -> None:

@@ -167,6 +167,70 @@ def test_read_frames_vfr_resampled_like_ffmpeg_fps_filter(clips):
     assert np.array_equal(got.frames[14], got.frames[15])
 
 
+def test_frame_stream_gives_rows_while_decoding_and_then_what_read_frames_gives(tmp_path):
+    from musetalk_job.samples import make_face_video
+
+    video = make_face_video(tmp_path / "long.mp4", seconds=6, fps=25.0, size=(320, 240))
+    expected = media.read_frames(video)
+    stream = media.FrameStream(video)
+    frames = stream.first()
+    # The array exists after the first frame, with the header's 150 rows, long before the end.
+    assert frames is not None and frames.shape == expected.frames.shape == (150, 240, 320, 3)
+    assert stream.decoded < 150 and stream.rate == 25
+    stream.wait(40)
+    assert stream.decoded >= 40
+    np.testing.assert_array_equal(frames[:40], expected.frames[:40])
+    got = stream.result()
+    assert stream.predicted and got.frames is not None and got.fps == expected.fps and got.rate == expected.rate
+    np.testing.assert_array_equal(got.frames, expected.frames)
+    np.testing.assert_array_equal(frames, expected.frames)  # the rows were filled in place
+
+
+@pytest.mark.parametrize("name", ["vfr", "truncated", "mkv", "png"])
+def test_frame_stream_reports_files_that_break_their_header(clips, tmp_path, name):
+    """Variable timing (resampled), a damaged tail (fewer frames than the header's count), no
+    frame count (Matroska), a still image: ``result()`` is still exactly ``read_frames``; only a
+    file whose rows went into the predicted array as they are is ``predicted``."""
+    if name == "truncated":
+        whole = tmp_path / "faststart.mp4"  # the sample table up front states 25 frames
+        _ffmpeg("-i", str(clips["cfr"]), "-c", "copy", "-movflags", "+faststart", str(whole))
+        data = whole.read_bytes()
+        path = tmp_path / "truncated.mp4"
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif name == "mkv":
+        path = tmp_path / "cfr.mkv"
+        _ffmpeg("-i", str(clips["cfr"]), "-c", "copy", str(path))
+    else:
+        path = clips[name]
+    expected = media.read_frames(path)
+    stream = media.FrameStream(path)
+    first = stream.first()
+    got = stream.result()
+    np.testing.assert_array_equal(got.frames, expected.frames)
+    assert got.rate == expected.rate
+    assert not stream.predicted
+    if name in ("vfr", "truncated"):  # MP4 states a count: it streamed, then disagreed
+        assert first is not None and (name != "truncated" or got.frames.shape[0] < first.shape[0])
+    else:
+        assert first is None
+
+
+def test_frame_stream_errors_and_close(clips, tmp_path):
+    stream = media.FrameStream(clips["garbage"])
+    assert stream.first() is None
+    with pytest.raises(InputMediaError, match="garbage.mp4"):
+        stream.result()
+    with pytest.raises(InputMediaError, match="missing.mp4"):
+        media.FrameStream(clips["cfr"].with_name("missing.mp4"))
+    from musetalk_job.samples import make_face_video
+
+    video = make_face_video(tmp_path / "long.mp4", seconds=8, fps=25.0, size=(320, 240))
+    stream = media.FrameStream(video)
+    stream.first()
+    stream.close()  # stops the decode early: the job that opened it has failed or is cancelled
+    assert stream.result().frames.shape[0] < 200 and not stream.predicted
+
+
 def test_read_frames_size_change_is_scaled_to_first_size(tmp_path):
     parts = []
     for i, size in enumerate(("160x120", "128x96")):

@@ -397,6 +397,73 @@ def test_avatar_cache_hit_reuses_preparation_and_gives_the_same_video(
     np.testing.assert_array_equal(_read(first.output), _read(second.output))
 
 
+def test_frames_used_while_decoding_give_the_same_video(pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch) -> None:
+    """The default (crops, VAE encode and masks read each frame as soon as it is decoded) against
+    decoding every frame first: the same lossless output, and every pixel read waited for its rows."""
+    from musetalk_job import media
+
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.6)  # 15 frames
+    waits: list[int] = []
+    real_wait = media.FrameStream.wait
+    monkeypatch.setattr(media.FrameStream, "wait", lambda self, k: (waits.append(k), real_wait(self, k))[1])
+    outputs = []
+    for streamed in (True, False):
+        pipe.stream_decode = streamed
+        try:
+            r = pipe.run(face_video, short, tmp_path / f"s{int(streamed)}.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4))
+        finally:
+            pipe.stream_decode = True
+        outputs.append(_read(r.output))
+        if streamed:
+            # The crops and the masks each waited, chunk by chunk, up to the last used frame.
+            assert max(waits) == 15 and len(waits) >= 4
+            n_streamed = len(waits)
+    assert len(waits) == n_streamed  # decoding everything first never waits
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "vfr"])
+def test_a_file_that_breaks_its_header_is_prepared_again(pipe, face_video, speech_wav, tmp_path, caplog, kind) -> None:
+    """An MP4 whose sample table states more frames than decode (a damaged tail), or whose timing
+    is variable (resampled to a constant rate): the work done on the predicted frames is redone on
+    the real ones, and the video is the one made from the frames decoded first. With a damaged
+    tail the boxes file has the real count, so the predicted preparation fails on it: that error
+    is not the job's."""
+    import logging
+    import subprocess
+
+    from musetalk_job.landmarks.boxes import write_boxes_file
+    from musetalk_job.media import read_frames
+
+    ffmpeg = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y"]
+    video = tmp_path / f"{kind}.mp4"
+    if kind == "truncated":
+        data = face_video.read_bytes()  # the engine's MP4s are faststart: the sample table comes first
+        video.write_bytes(data[: len(data) * 3 // 5])
+    else:
+        subprocess.run([*ffmpeg, "-i", str(face_video), "-vf", "setpts='PTS+gte(N,15)*0.2/TB'", "-fps_mode", "vfr",
+                        "-c:v", "libx264", "-crf", "10", str(video)], check=True)
+    decoded = read_frames(video).frames
+    h, w = decoded.shape[1:3]
+    box = (w // 3, h // 6, w // 3 + w // 4, h // 6 + h // 3)
+    boxes = tmp_path / "boxes.json"
+    write_boxes_file(boxes, [box] * decoded.shape[0])
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.4)
+    opts = EngineOptions(boxes_file=boxes, codec="ffv1", batch_size=4)
+    with caplog.at_level(logging.INFO, logger="musetalk_job.pipeline"):
+        streamed = pipe.run(video, short, tmp_path / "streamed.mkv", opts)
+    assert "preparing them again" in caplog.text
+    pipe.stream_decode = False
+    try:
+        plain = pipe.run(video, short, tmp_path / "plain.mkv", opts)
+    finally:
+        pipe.stream_decode = True
+    assert streamed.input_frames == plain.input_frames == decoded.shape[0]
+    if kind == "truncated":
+        assert decoded.shape[0] < 30
+    np.testing.assert_array_equal(_read(streamed.output), _read(plain.output))
+
+
 def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
     assert pipe.warmup(batch_size=3, frame_size=(64, 48)) > 0
 

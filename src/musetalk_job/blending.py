@@ -369,6 +369,7 @@ def prepare_masks(
     workers: Optional[int] = None,
     on_ready: Optional[Callable[[dict[int, Optional[BlendMask]]], None]] = None,
     stop: Optional[threading.Event] = None,
+    frames_ready: Optional[Callable[[int], None]] = None,
 ) -> list[Optional[BlendMask]]:
     """The blend mask of every frame (``None`` where the box is ``None`` or empty).
 
@@ -380,6 +381,7 @@ def prepare_masks(
     the sum of the box areas in bytes. ``on_ready({index: mask})`` is called for the frames
     without a mask first, then after each chunk, once that chunk's masks are on the device.
     ``stop``: when set, the function returns early (the result is then incomplete).
+    ``frames_ready(k)``: blocks until ``frames[:k]`` hold their pixels (frames still decoding).
     """
     todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
@@ -395,6 +397,8 @@ def prepare_masks(
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
 
         def parser_inputs(chunk: list[tuple[int, Box]]) -> list[Any]:
+            if frames_ready is not None:
+                frames_ready(chunk[-1][0] + 1)  # the work list ascends
             return [pool.submit(_parser_input, frames[i], box) for i, box in chunk]
 
         def publish(chunk: list[tuple[int, Box]], finishing: list[Any]) -> None:

@@ -11,6 +11,9 @@ Contract
   applied like the ffmpeg CLI does; a variable-frame-rate file is resampled to its average
   rate by timestamp (frames duplicated or dropped as ffmpeg's ``fps`` filter does); a single
   image gives ``N == 1`` at ``image_fps`` (EXIF orientation applied, as ``cv2.imread`` does).
+- ``FrameStream(path)``: ``read_frames`` on a background thread; for files that state their
+  frame count and rate the array is usable row by row while it decodes (``first``, ``wait``),
+  and ``result()`` says (``predicted``) whether the file kept its header's word.
 - ``load_audio(path, sr=16000) -> float32 mono``: what ``librosa.load(path, sr=16000)``
   gives: decode at the native rate, average the channels, resample with soxr "HQ" and fix
   the length to ``ceil(n * sr / native_sr)`` samples (librosa's ``fix_length``).
@@ -301,7 +304,23 @@ def _DECODE_POOL() -> Any:
 
 def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
     """Decode every frame of ``path`` to RGB uint8 at a constant rate (see module doc)."""
-    p = _check_file(path)
+    return _read_frames(_check_file(path), image_fps)
+
+
+class _Hooks:
+    """What ``FrameStream`` learns from ``_read_frames`` while it decodes (all no-ops here)."""
+
+    def started(self, buf: np.ndarray, rate: Fraction) -> None:
+        """The frames will be decoded into ``buf``: the container stated their count and rate."""
+
+    def progress(self, done: int) -> None:
+        """Rows ``0..done-1`` of the buffer hold their decoded RGB pixels."""
+
+    def stopped(self) -> bool:
+        return False
+
+
+def _read_frames(p: Path, image_fps: float, hooks: Optional[_Hooks] = None) -> VideoFrames:
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return _image_frames(p, image_fps)
     container = _open(p)
@@ -314,7 +333,8 @@ def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
         stream.thread_type = "AUTO"
         rate = _frame_rate(stream)
         duration = _stream_duration(stream, container)
-        capacity = int(stream.frames or 0)
+        stated = int(stream.frames or 0)  # the container's frame count (MP4/MOV sample tables)
+        capacity = stated
         if not capacity and rate and duration:
             capacity = int(duration * rate * 1.05) + 2
         capacity = max(capacity, 16)
@@ -335,25 +355,31 @@ def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
             dst[...] = np.rot90(rgb, rotation // 90) if rotation else rgb
 
         def drain(keep: int) -> None:
-            while len(pending) > keep:
+            while len(pending) > keep or (hooks is not None and pending and pending[0].done()):
                 pending.popleft().result()
+            if hooks is not None:
+                hooks.progress(n - len(pending))
 
         try:
             for frame in container.decode(stream):
+                if hooks is not None and hooks.stopped():
+                    break
                 if buf is None:
                     rotation = _rotation_of(frame)
                     first_w, first_h = frame.width, frame.height
                     shape = (first_w, first_h) if rotation in (90, 270) else (first_h, first_w)
                     buf = np.empty((capacity, shape[0], shape[1], 3), dtype=np.uint8)
+                    if hooks is not None and stated and rate is not None:
+                        hooks.started(buf, rate)
                 if n == buf.shape[0]:
                     drain(0)  # nothing may write into the old buffer once it is replaced
                     buf = np.concatenate([buf, np.empty_like(buf)], axis=0)
                 resize = (frame.width, frame.height) != (first_w, first_h)
                 pending.append(pool.submit(convert, frame, buf[n], resize))
-                drain(_DECODE_AHEAD)
                 t = frame.time
                 times.append(float(t) if t is not None else (n / float(rate) if rate else float(n)))
                 n += 1
+                drain(_DECODE_AHEAD)
             drain(0)
         except av.FFmpegError as exc:
             try:
@@ -376,6 +402,92 @@ def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
         elif n < buf.shape[0] // 2:
             frames = frames.copy()  # give the spare capacity back
         return VideoFrames(frames=frames, fps=float(rate), rate=rate)
+
+
+class FrameStream(_Hooks):
+    """``read_frames`` on a background thread, with the frames usable while they decode.
+
+    When the container states the frame count and rate (MP4, MOV), the frames are decoded into
+    an array allocated up front with that many rows: ``frames`` is that array once the first
+    frame is decoded (``None`` for other inputs), ``rate`` its rate, and ``wait(k)`` blocks until
+    rows ``0..k-1`` hold their pixels (or the decode ended). ``result()`` waits for the end and
+    returns exactly what ``read_frames`` returns, raising its errors. ``predicted`` is then True
+    when ``result().frames`` is ``frames`` itself: False when the file disagreed with its header
+    (fewer or more frames, a damaged tail, variable frame timing), and work done on ``frames``
+    must be redone on ``result().frames``. ``close()`` stops the decode early.
+    """
+
+    def __init__(self, path: PathLike, *, image_fps: float = 25.0) -> None:
+        self.path = _check_file(path)
+        self.frames: Optional[np.ndarray] = None
+        self.rate: Optional[Fraction] = None
+        self._done = 0
+        self._finished = False
+        self._result: Optional[VideoFrames] = None
+        self._error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(image_fps,), name="video-decode", daemon=True)
+        self._thread.start()
+
+    # _Hooks, called on the decode thread
+    def started(self, buf: np.ndarray, rate: Fraction) -> None:
+        with self._cond:
+            self.frames, self.rate = buf, rate
+            self._cond.notify_all()
+
+    def progress(self, done: int) -> None:
+        if done > self._done:
+            with self._cond:
+                self._done = done
+                self._cond.notify_all()
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _run(self, image_fps: float) -> None:
+        try:
+            self._result = _read_frames(self.path, image_fps, self)
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+        with self._cond:
+            self._finished = True
+            self._cond.notify_all()
+
+    # the reader's side
+    def first(self) -> Optional[np.ndarray]:
+        """``frames`` as soon as it exists; ``None`` when the input does not stream (or failed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.frames is not None or self._finished)
+            return self.frames
+
+    @property
+    def decoded(self) -> int:
+        """How many leading rows of ``frames`` hold their pixels now."""
+        return self._done
+
+    def wait(self, k: int) -> None:
+        """Block until rows ``0..k-1`` of ``frames`` are decoded, or the decode has ended."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done >= k or self._finished)
+
+    def result(self) -> VideoFrames:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    @property
+    def predicted(self) -> bool:
+        """After ``result()``: whether its frames are ``frames`` (see the class doc)."""
+        r = self._result
+        return r is not None and self.frames is not None and r.frames.shape == self.frames.shape and (
+            r.frames.__array_interface__["data"][0] == self.frames.__array_interface__["data"][0]
+        )
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def _image_frames(p: Path, image_fps: float) -> VideoFrames:

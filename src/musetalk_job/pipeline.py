@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -205,6 +205,9 @@ class Pipeline:
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
+        # The input frames are cropped, encoded and parsed while they decode (_decode; False:
+        # decode them all first, the benchmarks' before/after).
+        self.stream_decode = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -369,17 +372,36 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
 
-    def _decode(self, video: Path, audio: Path, options: EngineOptions) -> tuple[np.ndarray, float, np.ndarray]:
-        from .media import load_audio, read_frames
+    def _decode(self, video: Path, audio: Path, options: EngineOptions) -> tuple[np.ndarray, float, np.ndarray, Optional[Any]]:
+        """The input frames, their fps, the 16 kHz audio and, when the frames are still decoding,
+        their ``media.FrameStream`` (``None`` when ``frames`` is complete).
 
+        With ``stream_decode`` and a file that states its frame count and rate, this returns once
+        the audio and the first frame are decoded: the frames fill in while the job prepares
+        (``prepare_video(ready=stream.wait)``), and ``run`` checks the file kept its word."""
+        from .media import FrameStream, load_audio, read_frames
+
+        stream: Optional[FrameStream] = None
         # The audio decodes and resamples in a second thread while this one decodes the video.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audio-decode") as pool:
             audio_future = pool.submit(load_audio, audio, 16000)
-            vf = read_frames(video, image_fps=options.fps)  # its error, if any, is the one reported
-            samples = audio_future.result()
-        if vf.frames.shape[0] == 0:
+            try:
+                if self.stream_decode:
+                    stream = FrameStream(video, image_fps=options.fps)
+                    frames = stream.first()
+                if stream is None or frames is None:
+                    vf = stream.result() if stream is not None else read_frames(video, image_fps=options.fps)
+                    frames, fps, stream = vf.frames, float(vf.fps), None  # its error, if any, is the one reported
+                else:
+                    fps = float(stream.rate)
+                samples = audio_future.result()
+            except BaseException:
+                if stream is not None:
+                    stream.close()
+                raise
+        if frames.shape[0] == 0:
             raise InputMediaError(f"video {video.name}: no frames could be decoded; check that the file is a video or image")
-        return vf.frames, float(vf.fps), samples
+        return frames, fps, samples, stream
 
     def _boxes(
         self,
@@ -388,6 +410,7 @@ class Pipeline:
         options: EngineOptions,
         progress: Optional[ProgressFn],
         fps: float,
+        ready: Optional[Callable[[int], None]] = None,
     ) -> list[Optional[Box]]:
         """Face boxes (before extra_margin) for every input frame; frames past ``n_analyse`` → None."""
         from .landmarks import boxes as boxmod
@@ -400,6 +423,8 @@ class Pipeline:
             from .landmarks import detect_boxes
 
             bbox_shift = options.bbox_shift if options.version == "v1" else 0  # v1.5 forces 0 (official)
+            if ready is not None:
+                ready(n_analyse)
             raw = list(
                 detect_boxes(
                     frames[:n_analyse],
@@ -437,11 +462,14 @@ class Pipeline:
         cancel: Optional[threading.Event] = None,
         source: str = "the video",
         stages: Optional[_Stages] = None,
+        ready: Optional[Callable[[int], None]] = None,
     ) -> PreparedVideo:
         """Boxes, latents and blend masks for ``frames[:n_used]`` (all frames by default).
 
         The masks may still be in the making when this returns: ``masks`` is a
         ``blending.MaskStream`` whose items wait for their mask (and raise the mask thread's error).
+        ``ready(k)``, when given, blocks until ``frames[:k]`` hold their pixels (frames still
+        decoding, ``media.FrameStream.wait``); every read of the pixels calls it first.
         """
         self._check_version(options)
         st = stages or _Stages(self.device)
@@ -449,7 +477,7 @@ class Pipeline:
         n_used = n if n_used is None else max(1, min(n_used, n))
         n_analyse = n if options.save_boxes is not None else n_used
         with st.stage("landmarks"):
-            boxes = self._boxes(frames, n_analyse, options, progress, fps)
+            boxes = self._boxes(frames, n_analyse, options, progress, fps, ready)
         if not any(b is not None for b in boxes[:n_used]):
             hint = "try landmarks=cascade or a boxes file" if options.boxes_file is None else "check the boxes file"
             raise InputMediaError(
@@ -466,7 +494,7 @@ class Pipeline:
         mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
 
         masks = MaskStream(n_used)
-        self._start_masks(masks, frames[:n_used], used_boxes, mode, options, batch)
+        self._start_masks(masks, frames[:n_used], used_boxes, mode, options, batch, ready)
         try:
             # The blend masks (BiSeNet on a side stream, then CPU crops, resizes, morphology) are
             # made in a background thread while this one crops and VAE-encodes, and on into the
@@ -475,7 +503,7 @@ class Pipeline:
                 # With compile on, the encoder's graphs are built (or loaded) here, once per process.
                 self._ensure_compiled(batch, encoder=True)
                 latents = self._with_oom_retry(
-                    lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b),
+                    lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b, ready),
                     self._encode_batch(batch),
                     "VAE encode",
                 )
@@ -501,7 +529,14 @@ class Pipeline:
         )
 
     def _start_masks(
-        self, masks: MaskStream, frames: np.ndarray, boxes: list[Optional[Box]], mode: str, options: EngineOptions, batch: int
+        self,
+        masks: MaskStream,
+        frames: np.ndarray,
+        boxes: list[Optional[Box]],
+        mode: str,
+        options: EngineOptions,
+        batch: int,
+        ready: Optional[Callable[[int], None]] = None,
     ) -> None:
         """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
         from .blending import prepare_masks
@@ -515,6 +550,7 @@ class Pipeline:
                         frames, boxes, self.models.bisenet, mode=mode,
                         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
                         device=self.device, batch_size=self._chunk(batch), on_ready=masks.publish, stop=masks.stop,
+                        frames_ready=ready,
                     )
                 if not masks.done and not masks.stop.is_set():
                     raise EngineRuntimeError("blend masks: the mask thread ended without making every mask")
@@ -529,13 +565,17 @@ class Pipeline:
 
         threading.Thread(target=work, name="blend-masks", daemon=True).start()
 
-    def _encode_crops(self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int) -> torch.Tensor:
+    def _encode_crops(
+        self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int, ready: Optional[Callable[[int], None]] = None
+    ) -> torch.Tensor:
         """Crop (CPU, LANCZOS4) and VAE-encode the faces ``frames[rows]`` in chunks of ``batch``:
         the next chunk is cropped on a thread while the device encodes this one."""
         n = len(rows)
         out: Optional[torch.Tensor] = None
 
         def crop(a: int) -> torch.Tensor:
+            if ready is not None:
+                ready(rows[min(a + batch, n) - 1] + 1)  # rows ascend
             t = torch.from_numpy(crop_faces([frames[j] for j in rows[a : a + batch]], boxes[a : a + batch]))
             return t.pin_memory() if self.device.type == "cuda" else t
 
@@ -760,13 +800,17 @@ class Pipeline:
         st = _Stages(self.device)
         with torch.inference_mode():
             with st.stage("decode"):
-                frames, fps, samples = self._decode(video, audio, options)
-            num_out = self._num_output_frames(samples, fps, audio)
-            if progress is not None:
-                progress("decode", 1, 1)
-            _check_cancel(cancel)
-
-            prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st)
+                frames, fps, samples, stream = self._decode(video, audio, options)
+            try:
+                num_out = self._num_output_frames(samples, fps, audio)
+                if progress is not None:
+                    progress("decode", 1, 1)
+                _check_cancel(cancel)
+                prep, remember, num_out = self._prepare_streamed(video, audio, frames, fps, samples, num_out, stream, options, progress, cancel, st)
+            finally:
+                if stream is not None:
+                    stream.close()
+            frames, fps = prep.frames, prep.fps
             try:
                 result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st)
             finally:
@@ -849,6 +893,53 @@ class Pipeline:
             boxes=[None if b is None else list(b) for b in prep.boxes],
         )
 
+    def _prepare_streamed(
+        self,
+        video: Path,
+        audio: Path,
+        frames: np.ndarray,
+        fps: float,
+        samples: np.ndarray,
+        num_out: int,
+        stream: Optional[Any],
+        options: EngineOptions,
+        progress: Optional[ProgressFn],
+        cancel: Optional[threading.Event],
+        st: _Stages,
+    ) -> tuple[PreparedVideo, Optional[Any], int]:
+        """``_prepare_cached`` on frames that may still be decoding (``stream``, see ``_decode``);
+        also returns the output frame count. When the file did not keep its header's word
+        (``FrameStream.predicted`` is False: fewer or more frames, variable timing), the work is
+        redone on the frames it really holds, and an input error met on the predicted frames is
+        not trusted either: the redo reports its own. A decode error is reported as such."""
+        if stream is None:
+            return (*self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st), num_out)
+        prep: Optional[PreparedVideo] = None
+        try:
+            prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st, stream.wait)
+        except (InputMediaError, SpecError):
+            with st.stage("decode"):
+                stream.result()  # raises the decode's error, if any
+            if stream.predicted:
+                raise
+        try:
+            with st.stage("decode"):  # the part of the decode the preparation did not hide
+                vf = stream.result()
+        except BaseException:
+            if prep is not None and isinstance(prep.masks, MaskStream):
+                prep.masks.close()
+            raise
+        if prep is not None and stream.predicted:
+            return prep, remember, num_out
+        if prep is not None and isinstance(prep.masks, MaskStream):
+            prep.masks.close()
+        log.info("video %s: the file holds %d frames at %.3f fps, its header said %d at %.3f; preparing them again",
+                 video.name, vf.frames.shape[0], vf.fps, frames.shape[0], fps)
+        num_out = self._num_output_frames(samples, float(vf.fps), audio)
+        _check_cancel(cancel)
+        prep, remember = self._prepare_cached(video, vf.frames, float(vf.fps), num_out, options, progress, cancel, st)
+        return prep, remember, num_out
+
     def _prepare_cached(
         self,
         video: Path,
@@ -859,6 +950,7 @@ class Pipeline:
         progress: Optional[ProgressFn],
         cancel: Optional[threading.Event],
         st: _Stages,
+        ready: Optional[Callable[[int], None]] = None,
     ) -> tuple[PreparedVideo, Optional[Any]]:
         """``prepare_video`` through the avatar cache when one is configured (a hit skips the
         landmarks, latents and mask work; the lookup is timed as ``landmarks``). Also returns, on a
@@ -879,7 +971,7 @@ class Pipeline:
                     prep = cache.apply_cached(hit, frames, fps, options, n_used=n_used, device=self.device, dtype=self.dtype)
         if prep is None:
             prep = self.prepare_video(
-                frames, fps, options, n_used=n_used, progress=progress, cancel=cancel, source=video.name, stages=st
+                frames, fps, options, n_used=n_used, progress=progress, cancel=cancel, source=video.name, stages=st, ready=ready
             )
             if key is not None:
                 store, new = self.avatar_cache, prep
