@@ -693,10 +693,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         save()
     for variant in [v for v in args.encoder_variants.split(",") if v]:
-        # W1 warm with another segment-encoder layout: "WORKERS:AHEAD" (segments in flight).
-        w, _, ahead = variant.partition(":")
-        preset_runs(f"warm_encoder_{w}x{ahead or 'default'}", f"ev{w}{ahead}", audio,
-                    encoder_workers=int(w), encoder_segments_ahead=int(ahead) if ahead else None)
+        # W1 warm with another segment-encoder layout: "WORKERS[:AHEAD[:THREADS]]" (segments in
+        # flight, libx264 threads per segment; empty: the writer's default).
+        w, ahead, threads = (variant.split(":") + ["", ""])[:3]
+        preset_runs(f"warm_encoder_{w}x{ahead or 'default'}" + (f"x{threads}t" if threads else ""), f"ev{w}{ahead}{threads}", audio,
+                    encoder_workers=int(w), encoder_segments_ahead=int(ahead) if ahead else None,
+                    encoder_segment_threads=int(threads) if threads else None)
     if args.short_segment_variants:
         # The 10 s job (250 frames) with other encoder segment sizes: its encoder tail against file size.
         short = trimmed_audio(args.media / AUDIO_NAME, out_dir / "speech_10s.wav", 10.0)
@@ -858,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default="", help="regional|full: every run with torch.compile")
     p.add_argument("--eager-compare", type=int, default=1, help="with --compile: also W1 warm and micro eager at the end (1/0)")
     p.add_argument("--compile-channels-last", type=int, default=0, help="with --compile: also compile channels-last weights afresh and run W1 warm (1/0)")
-    p.add_argument("--encoder-variants", default="", help="comma list WORKERS:AHEAD of segment-encoder layouts to run W1 warm with")
+    p.add_argument("--encoder-variants", default="", help="comma list WORKERS[:AHEAD[:THREADS]] of segment-encoder layouts to run W1 warm with")
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")

@@ -42,13 +42,13 @@ def make_frames(n: int, width: int = 1280, height: int = 720, fps: float = 25.0)
 
 
 def writer_run(frames: np.ndarray, i420: Optional[np.ndarray], preset: str, workers: int, out: Path,
-               segment_frames: Optional[int] = None) -> dict[str, Any]:
+               segment_frames: Optional[int] = None, segment_threads: Optional[int] = None) -> dict[str, Any]:
     from musetalk_job.media import VideoWriter
 
     n, h, w = frames.shape[:3]
     t, cpu0 = time.perf_counter(), cpu_seconds()
     with VideoWriter(out, width=w, height=h, fps=25, preset=preset, workers=workers,
-                     segment_frames=segment_frames) as writer:
+                     segment_frames=segment_frames, expected_frames=n, segment_threads=segment_threads) as writer:
         for start in range(0, n, 64):  # the engine hands over batches of 64
             if i420 is not None:
                 writer.write_i420(i420[start : start + 64])
@@ -92,6 +92,8 @@ def main() -> int:
     p.add_argument("--segment-frames", type=int, default=None, help="default: the writer's DEFAULT_SEGMENT_FRAMES")
     p.add_argument("--compare-segment-frames", type=int, nargs="*", default=[100],
                    help="also run the default worker count, I420 input, with these segment lengths")
+    p.add_argument("--segment-threads", type=int, nargs="*", default=[],
+                   help="also run each worker count > 1, I420 input, with these libx264 threads per segment")
     args = p.parse_args()
 
     import av
@@ -141,6 +143,11 @@ def main() -> int:
                     except Exception as exc:  # report, keep going
                         r = {"error": f"{type(exc).__name__}: {exc}"}
                     r.update(preset=preset, workers=workers, input=kind)
+                    report["runs"].append(r)
+                    print(json.dumps(r), file=sys.stderr)
+                for threads in args.segment_threads if workers > 1 else []:
+                    r = writer_run(frames, i420, preset, workers, out, args.segment_frames, threads)
+                    r.update(preset=preset, workers=workers, input="i420", segment_threads=threads)
                     report["runs"].append(r)
                     print(json.dumps(r), file=sys.stderr)
                 if workers == default_workers and workers > 1:

@@ -724,7 +724,8 @@ class VideoWriter:
     joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
     join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are being
-    encoded. NVENC and the lossless codecs always use one stream (``workers == 1``).
+    encoded; each segment's libx264 runs ``segment_threads`` threads (default: the CPUs shared out
+    between the workers). NVENC and the lossless codecs always use one stream (``workers == 1``).
     ``expected_frames`` (a hint: how many frames will be written) lets the last segments shrink
     (``segment_sizes``) so that the encoders finish soon after the last frame instead of one whole
     segment later; more or fewer frames are fine.
@@ -746,6 +747,7 @@ class VideoWriter:
         segment_frames: Optional[int] = None,
         expected_frames: Optional[int] = None,
         segments_ahead: Optional[int] = None,
+        segment_threads: Optional[int] = None,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -783,7 +785,7 @@ class VideoWriter:
         self.expected_frames = int(expected_frames) if expected_frames else None
         try:
             self._setup_video(crf, preset)
-            self._setup_segments(workers, segment_frames, segments_ahead)
+            self._setup_segments(workers, segment_frames, segments_ahead, segment_threads)
             if audio_path is not None:
                 self._setup_audio(Path(audio_path))
         except BaseException:
@@ -855,7 +857,9 @@ class VideoWriter:
         self._audio_eof = False
         self._audio_samples = 0  # samples sent to the encoder
 
-    def _setup_segments(self, workers: Optional[int], segment_frames: Optional[int], ahead: Optional[int] = None) -> None:
+    def _setup_segments(
+        self, workers: Optional[int], segment_frames: Optional[int], ahead: Optional[int] = None, threads: Optional[int] = None
+    ) -> None:
         """Segment-parallel libx264 (see the class docstring); one stream for everything else."""
         if workers is None:
             env = os.environ.get("MUSETALK_ENCODER_WORKERS", "").strip()
@@ -883,7 +887,7 @@ class VideoWriter:
             from concurrent.futures import ThreadPoolExecutor
 
             cpus = os.cpu_count() or 1
-            self._seg_threads = max(1, cpus // self.workers)
+            self._seg_threads = max(1, int(threads) if threads else cpus // self.workers)
             self._seg_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="x264-segment")
             self._vstream.codec_context.thread_count = self._seg_threads
 
