@@ -345,6 +345,19 @@ def run_alone(pipe: Any, batch: int, video: Path, audio: Path, boxes: Optional[P
     return w1_run(pipe, video, audio, boxes, out_dir, label, batch_size=batch, empty_cache=True)
 
 
+def video_frame_copied(self: Any, data: np.ndarray, kind: str = "rgb") -> Any:
+    """``media.VideoWriter._video_frame`` before commit 5d1d0f4 for I420 input: the frame's planes
+    copied from the array by ``from_ndarray`` (with the GIL held). For the before/after run only
+    (``--frame-copy-compare``)."""
+    import av
+
+    from musetalk_job.media import VideoWriter
+
+    if kind == "i420":
+        return av.VideoFrame.from_ndarray(data, format="yuv420p")
+    return VideoWriter._video_frame(self, data, kind)
+
+
 def composite_per_frame(frames: Any, faces: Any, masks: Any) -> Any:
     """The engine's composite before it was batched (commit c596504): a few tensor operations per
     frame (bilinear resize with ``F.interpolate``, PIL-rounded blend, write-back). For the
@@ -431,17 +444,11 @@ def prepare_masks_serial(
     return result
 
 
-@contextlib.contextmanager
-def engine_function(name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+def engine_function(name: str, replacement: Callable[..., Any]) -> Any:
     """``musetalk_job.blending.<name>`` replaced for the runs inside (the engine looks it up per call)."""
     from musetalk_job import blending
 
-    kept = getattr(blending, name)
-    setattr(blending, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(blending, name, kept)
+    return patched(blending, name, replacement)
 
 
 def cpu_seconds() -> float:
@@ -458,6 +465,31 @@ def host_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def compare_summary(runs: dict[str, Any], names: tuple[str, str], rounds: int, fast_preset: str) -> dict[str, Any]:
+    """Median wall time of each variant ``warm_{name}_r{round}`` per preset, and whether every run
+    of a preset wrote the same bytes."""
+    summary: dict[str, Any] = {}
+    for sfx in [""] + ([f"_preset_{fast_preset}"] if fast_preset else []):
+        walls = {name: [runs[f"warm_{name}_r{r}{sfx}"]["wall_s"] for r in range(rounds)] for name in names}
+        summary[sfx.lstrip("_") or "default_preset"] = {
+            "median_wall_s": {name: round(statistics.median(v), 3) for name, v in walls.items()},
+            "walls_s": walls,
+            "same_output": len({runs[f"warm_{n}_r{r}{sfx}"]["output_sha256"] for n in names for r in range(rounds)}) == 1,
+        }
+    return summary
+
+
+@contextlib.contextmanager
+def patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
+    """``owner.name`` replaced for the duration (a before/after run of an engine method)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def w1_run(
@@ -715,6 +747,20 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         # The blend masks made chunk after chunk, each chunk's CPU and device work one after the other.
         with engine_function("prepare_masks", prepare_masks_serial):
             preset_runs("warm_masks_serial", "ms", audio)
+    if args.frame_copy_compare and not args.only_cold_warm:
+        # The encoder's I420 frames wrapped around the arrays (the default) against copied into
+        # new frames with the GIL held; the rounds alternate which goes first.
+        from musetalk_job.media import VideoWriter
+
+        for r in range(args.frame_copy_compare):
+            for wrapped in ((True, False) if r % 2 == 0 else (False, True)):
+                if wrapped:
+                    preset_runs(f"warm_frames_wrapped_r{r}", f"fw{r}", audio)
+                else:
+                    with patched(VideoWriter, "_video_frame", video_frame_copied):
+                        preset_runs(f"warm_frames_copied_r{r}", f"fc{r}", audio)
+        report["frame_copy_compare"] = compare_summary(runs, ("frames_wrapped", "frames_copied"), args.frame_copy_compare, args.fast_preset)
+        save()
     if args.stream_decode_compare and not args.only_cold_warm:
         # Crops, VAE encode and masks reading each frame as soon as it is decoded (the default)
         # against decoding every frame first; the rounds alternate which goes first.
@@ -722,18 +768,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for streamed in ((True, False) if r % 2 == 0 else (False, True)):
                 name = "streamed" if streamed else "decode_first"
                 preset_runs(f"warm_{name}_r{r}", f"sd{int(streamed)}{r}", audio, stream_decode=streamed)
-        summary: dict[str, Any] = {}
-        for sfx in ["", f"_preset_{args.fast_preset}" if args.fast_preset else None]:
-            if sfx is None:
-                continue
-            walls = {name: [runs[f"warm_{name}_r{r}{sfx}"]["wall_s"] for r in range(args.stream_decode_compare)]
-                     for name in ("streamed", "decode_first")}
-            summary[sfx.lstrip("_") or "default_preset"] = {
-                "median_wall_s": {name: round(statistics.median(v), 3) for name, v in walls.items()},
-                "same_output": len({runs[f"warm_{n}_r{r}{sfx}"]["output_sha256"] for n in walls
-                                    for r in range(args.stream_decode_compare)}) == 1,
-            }
-        report["stream_decode_compare"] = summary
+        report["stream_decode_compare"] = compare_summary(runs, ("streamed", "decode_first"), args.stream_decode_compare, args.fast_preset)
         save()
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
@@ -864,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
+    p.add_argument("--frame-copy-compare", type=int, default=1,
+                   help="rounds of W1 warm with the encoder's I420 frames wrapped against copied (0: skip)")
     p.add_argument("--stream-decode-compare", type=int, default=1,
                    help="rounds of W1 warm with the frames used while they decode against decoded first (0: skip)")
     p.add_argument("--masks-pipeline-compare", type=int, default=1, help="also W1 warm with the mask chunks made one after the other (1/0)")

@@ -2,7 +2,7 @@
 """Where the CPU goes during a warm W1 job: per-thread CPU seconds and, optionally, py-spy.
 
     python bench/probes/cpu_profile.py --models DIR --media DIR --out OUT.json \
-        [--compile regional] [--presets medium veryfast] [--py-spy PATH --spy-dir DIR]
+        [--compile regional] [--presets medium veryfast] [--py-spy PATH --spy-dir DIR [--gil]]
 
 Loads the engine (random full weights are written where ``--models`` has none), optionally
 compiles, runs W1 once to warm up, then once per preset while sampling, every 50 ms, the CPU
@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["medium", "veryfast"])
     ap.add_argument("--py-spy", default="", help="path of a py-spy binary: also record the job with it")
     ap.add_argument("--spy-dir", type=Path, default=Path("."))
+    ap.add_argument("--gil", action="store_true",
+                    help="py-spy samples only the thread holding the GIL (its share of samples: how busy the GIL is)")
     args = ap.parse_args()
 
     import bench as b  # bench/bench.py: media, random weights, pipeline, W1 run
@@ -116,6 +118,7 @@ def main() -> int:
         if args.py_spy:
             args.spy_dir.mkdir(parents=True, exist_ok=True)
             spy = subprocess.Popen([args.py_spy, "record", "--pid", str(os.getpid()), "--rate", "200", "--threads",
+                                    *(["--gil"] if args.gil else []),
                                     "--format", "raw", "--nonblocking", "--duration", "12",
                                     "-o", str(args.spy_dir / f"spy_{preset}.txt")],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
