@@ -345,17 +345,18 @@ def run_alone(pipe: Any, batch: int, video: Path, audio: Path, boxes: Optional[P
     return w1_run(pipe, video, audio, boxes, out_dir, label, batch_size=batch, empty_cache=True)
 
 
-def video_frame_copied(self: Any, data: np.ndarray, kind: str = "rgb") -> Any:
-    """``media.VideoWriter._video_frame`` before commit 5d1d0f4 for I420 input: the frame's planes
-    copied from the array by ``from_ndarray`` (with the GIL held). For the before/after run only
-    (``--frame-copy-compare``)."""
+def video_frame_copied(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``media.VideoWriter._video_frame`` before commit a49d4c4 for I420 input: the frame's planes
+    copied from the array by ``from_ndarray`` (with the GIL held); ``original`` for other input.
+    For the before/after run only (``--frame-copy-compare``)."""
     import av
 
-    from musetalk_job.media import VideoWriter
+    def video_frame(self: Any, data: np.ndarray, kind: str = "rgb") -> Any:
+        if kind == "i420":
+            return av.VideoFrame.from_ndarray(data, format="yuv420p")
+        return original(self, data, kind)
 
-    if kind == "i420":
-        return av.VideoFrame.from_ndarray(data, format="yuv420p")
-    return VideoWriter._video_frame(self, data, kind)
+    return video_frame
 
 
 def composite_per_frame(frames: Any, faces: Any, masks: Any) -> Any:
@@ -757,7 +758,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if wrapped:
                     preset_runs(f"warm_frames_wrapped_r{r}", f"fw{r}", audio)
                 else:
-                    with patched(VideoWriter, "_video_frame", video_frame_copied):
+                    with patched(VideoWriter, "_video_frame", video_frame_copied(VideoWriter._video_frame)):
                         preset_runs(f"warm_frames_copied_r{r}", f"fc{r}", audio)
         report["frame_copy_compare"] = compare_summary(runs, ("frames_wrapped", "frames_copied"), args.frame_copy_compare, args.fast_preset)
         save()

@@ -62,6 +62,7 @@ def test_bench_smoke_reports_w1_runs_that_match_their_output(report: dict) -> No
     # The decode-first "before" of the streamed decode ran beside it and wrote the same bytes.
     compare = report["stream_decode_compare"]["default_preset"]
     assert compare["same_output"] and set(compare["median_wall_s"]) == {"streamed", "decode_first"}
+    assert report["frame_copy_compare"]["default_preset"]["same_output"]
 
 
 def test_bench_smoke_times_each_model_and_the_landmarks(report: dict) -> None:
