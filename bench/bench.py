@@ -791,6 +791,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 first = runs[f"{name}_first{sfx}"] = w1_run(pipe, video, a, b, out_dir, f"{tag}1", batch_size=args.batch_size, **popts, **kw)
                 rep = runs[f"{name}_repeat{sfx}"] = w1_run(pipe, video, a, b, out_dir, f"{tag}2", batch_size=args.batch_size, **popts, **kw)
                 rep["speedup_vs_first"] = round(first["wall_s"] / rep["wall_s"], 2)
+                # More repeats, alternating: rendering the frames while they decode (the default)
+                # against decoding them all first.
+                for r in range(args.cache_stream_compare):
+                    for streamed in ((True, False) if r % 2 == 0 else (False, True)):
+                        variant = "streamed" if streamed else "decode_first"
+                        saved_stream, pipe.stream_decode = pipe.stream_decode, streamed
+                        try:
+                            runs[f"{name}_repeat_{variant}_r{r}{sfx}"] = w1_run(
+                                pipe, video, a, b, out_dir, f"{tag}{r}{int(streamed)}", batch_size=args.batch_size, **popts, **kw)
+                        finally:
+                            pipe.stream_decode = saved_stream
 
             with tempfile.TemporaryDirectory(prefix="musetalk-bench-cache-") as root:
                 pair("cache", "c", audio, boxes)
@@ -900,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-segment-variants", default="", help="comma list of encoder segment sizes to run the 10 s job with")
     p.add_argument("--graphs-compare", type=int, default=1, help="also W1 warm without CUDA graphs (CUDA; 1/0)")
     p.add_argument("--composite-compare", type=int, default=1, help="also W1 warm with the per-frame composite of before (1/0)")
+    p.add_argument("--cache-stream-compare", type=int, default=0,
+                   help="rounds of extra avatar-cache repeats, streamed decode against decoded first")
     p.add_argument("--frame-copy-compare", type=int, default=1,
                    help="rounds of W1 warm with the encoder's I420 frames wrapped against copied (0: skip)")
     p.add_argument("--stream-decode-compare", type=int, default=1,

@@ -464,6 +464,62 @@ def test_a_file_that_breaks_its_header_is_prepared_again(pipe, face_video, speec
     np.testing.assert_array_equal(_read(streamed.output), _read(plain.output))
 
 
+def test_a_cache_hit_renders_frames_while_they_decode(pipe, face_video, speech_wav, tmp_path, monkeypatch) -> None:
+    """After an avatar cache hit nothing reads the pixels before the generate loop: it waits for
+    the rows each batch needs. The video equals a hit's that decoded every frame first."""
+    from musetalk_job import media
+    from musetalk_job.cache import AvatarCache
+
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.8)  # 20 frames, batches of 4
+    opts = EngineOptions(landmarks="cascade", codec="ffv1", batch_size=4)
+    waits: list[int] = []
+    real_wait = media.FrameStream.wait
+    pipe.avatar_cache = AvatarCache(tmp_path / "cache")
+    try:
+        pipe.run(face_video, short, tmp_path / "miss.mkv", opts)
+        monkeypatch.setattr(media.FrameStream, "wait", lambda self, k: (waits.append(k), real_wait(self, k))[1])
+        streamed = pipe.run(face_video, short, tmp_path / "hit.mkv", opts)
+        pipe.stream_decode = False
+        plain = pipe.run(face_video, short, tmp_path / "hit_plain.mkv", opts)
+    finally:
+        pipe.avatar_cache = None
+        pipe.stream_decode = True
+    assert streamed.stage_seconds["latents"] == plain.stage_seconds["latents"] == 0.0  # both hits
+    assert waits == [4, 8, 12, 16, 20]  # one wait per batch, for the rows that batch shows
+    np.testing.assert_array_equal(_read(streamed.output), _read(plain.output))
+
+
+def test_a_cache_hit_on_a_file_that_breaks_its_header_renders_again(pipe, face_video, speech_wav, tmp_path, caplog) -> None:
+    """A variable-frame-rate MP4 whose header count is the resampled count: the cache hit renders
+    the frames as they decode, finds at the end that the file was resampled, throws that video
+    away and renders again from the decoded frames."""
+    import logging
+    import subprocess
+
+    from musetalk_job.cache import AvatarCache
+    from musetalk_job.media import FrameStream
+
+    video = tmp_path / "vfr.mp4"
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(face_video), "-vf",
+                    "setpts='PTS+gte(N,10)*0.04/TB-gte(N,20)*0.04/TB'", "-fps_mode", "vfr", "-c:v", "libx264",
+                    "-crf", "10", str(video)], check=True)
+    stream = FrameStream(video)
+    predicted, decoded = stream.first(), stream.result().frames
+    assert predicted is not None and predicted.shape == decoded.shape and not stream.predicted  # same count, resampled
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.4)
+    opts = EngineOptions(landmarks="cascade", codec="ffv1", batch_size=4)
+    pipe.avatar_cache = AvatarCache(tmp_path / "cache")
+    try:
+        miss = pipe.run(video, short, tmp_path / "miss.mkv", opts)
+        with caplog.at_level(logging.INFO, logger="musetalk_job.pipeline"):
+            hit = pipe.run(video, short, tmp_path / "hit.mkv", opts)
+    finally:
+        pipe.avatar_cache = None
+    assert "rendering again from the decoded frames" in caplog.text
+    assert hit.stage_seconds["latents"] == 0.0
+    np.testing.assert_array_equal(_read(hit.output), _read(miss.output))
+
+
 def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
     assert pipe.warmup(batch_size=3, frame_size=(64, 48)) > 0
 

@@ -362,24 +362,27 @@ class Pipeline:
                 self._detectors[backend] = load_detector(backend, self.models_dir, self.device)
             return self._detectors[backend]
 
-    def _frame_upload(self, frames: np.ndarray) -> Optional[torch.Tensor]:
-        """The distinct input frames as one uint8 tensor on the device, when memory allows."""
-        if self.device.type != "cuda":
-            return torch.from_numpy(frames)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if frames.nbytes > 0.25 * free:
-            return None
-        return torch.from_numpy(frames).to(self.device)
+    def _frame_feed(self, frames: np.ndarray, ready: Optional[Callable[[int], None]]) -> "_FrameFeed":
+        """The used input frames for the generate loop: on the device when memory allows."""
+        device: Optional[torch.device] = self.device
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if frames.nbytes > 0.25 * free:
+                device = None
+        return _FrameFeed(frames, device, ready)
 
     # ------------------------------------------------------------------ stages
 
-    def _decode(self, video: Path, audio: Path, options: EngineOptions) -> tuple[np.ndarray, float, np.ndarray, Optional[Any]]:
+    def _decode(
+        self, video: Path, audio: Path, options: EngineOptions, stream_decode: bool = True
+    ) -> tuple[np.ndarray, float, np.ndarray, Optional[Any]]:
         """The input frames, their fps, the 16 kHz audio and, when the frames are still decoding,
         their ``media.FrameStream`` (``None`` when ``frames`` is complete).
 
         With ``stream_decode`` and a file that states its frame count and rate, this returns once
         the audio and the first frame are decoded: the frames fill in while the job prepares
-        (``prepare_video(ready=stream.wait)``), and ``run`` checks the file kept its word."""
+        (``prepare_video(ready=stream.wait)``) or, on an avatar cache hit, while it generates
+        (``generate(frames_ready=stream.wait)``); ``run`` checks that the file kept its word."""
         from .media import FrameStream, load_audio, read_frames
 
         stream: Optional[FrameStream] = None
@@ -387,7 +390,7 @@ class Pipeline:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="audio-decode") as pool:
             audio_future = pool.submit(load_audio, audio, 16000)
             try:
-                if self.stream_decode:
+                if stream_decode:
                     stream = FrameStream(video, image_fps=options.fps)
                     frames = stream.first()
                 if stream is None or frames is None:
@@ -637,7 +640,7 @@ class Pipeline:
     def _generate_batch(
         self,
         prep: PreparedVideo,
-        frames_dev: Optional[torch.Tensor],
+        feed: "_FrameFeed",
         audio: torch.Tensor,
         plan: "_Plan",
         start: int,
@@ -649,6 +652,7 @@ class Pipeline:
         Index tensors live on the device (``plan``): nothing here waits for the GPU.
         """
         in_idx = plan.in_idx[start:stop]
+        frames_dev = feed.rows(int(in_idx.max()) + 1)
         if frames_dev is not None:
             frames_b = frames_dev.index_select(0, plan.in_idx_dev[start:stop])
         else:
@@ -689,15 +693,17 @@ class Pipeline:
         progress: Optional[ProgressFn] = None,
         cancel: Optional[threading.Event] = None,
         stages: Optional[_Stages] = None,
+        frames_ready: Optional[Callable[[int], None]] = None,
     ) -> int:
-        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used."""
+        """Render ``len(audio)`` output frames into ``writer``; returns the batch size finally used.
+        ``frames_ready(k)``: blocks until ``prep.frames[:k]`` hold their pixels (still decoding)."""
         st = stages or _Stages(self.device)
         total = int(audio.shape[0])
         plan = _Plan.build(prep, total, batch_size, self.device)
         # With compile on, the graphs for this batch are built (or loaded from the cache) here,
         # once, not inside the loop; a no-op when compile is off or already warm.
         compile_s = self._ensure_compiled(plan.batch, encoder=False)  # a cache hit never runs the encoder
-        frames_dev = self._frame_upload(prep.frames[: prep.n_used])
+        feed = self._frame_feed(prep.frames[: prep.n_used], frames_ready)
         timer = _GpuTimer(self.device)
         # H.264 output takes I420 frames converted on the device: half the bytes to copy to the
         # host, and no per-frame swscale on the CPU (colour.rgb_to_i420 matches it, see its tests).
@@ -713,7 +719,7 @@ class Pipeline:
             stop = min(total, start + batch)
             try:
                 timer.begin()
-                out_dev = self._generate_batch(prep, frames_dev, audio, plan, start, stop, timer)
+                out_dev = self._generate_batch(prep, feed, audio, plan, start, stop, timer)
                 if i420:
                     from .colour import rgb_to_i420
 
@@ -798,25 +804,45 @@ class Pipeline:
         """Lip-sync ``video`` to ``audio`` and write ``output`` (MP4, the audio muxed in)."""
         video, audio, output = Path(video), Path(audio), Path(output)
         self._check_version(options)
+        try:
+            return self._run(video, audio, output, options, progress, cancel, self.stream_decode)
+        except _HeaderBroken as exc:
+            # Rare: an avatar cache hit rendered frames still decoding, and the file then broke
+            # its header's word. The output was discarded; the job runs again on decoded frames.
+            log.info("video %s: %s; rendering again from the decoded frames", video.name, exc)
+            return self._run(video, audio, output, options, progress, cancel, False)
+
+    def _run(
+        self,
+        video: Path,
+        audio: Path,
+        output: Path,
+        options: EngineOptions,
+        progress: Optional[ProgressFn],
+        cancel: Optional[threading.Event],
+        stream_decode: bool,
+    ) -> Result:
         st = _Stages(self.device)
         with torch.inference_mode():
             with st.stage("decode"):
-                frames, fps, samples, stream = self._decode(video, audio, options)
+                frames, fps, samples, stream = self._decode(video, audio, options, stream_decode)
             try:
                 num_out = self._num_output_frames(samples, fps, audio)
                 if progress is not None:
                     progress("decode", 1, 1)
                 _check_cancel(cancel)
-                prep, remember, num_out = self._prepare_streamed(video, audio, frames, fps, samples, num_out, stream, options, progress, cancel, st)
+                prep, remember, num_out, decoding = self._prepare_streamed(
+                    video, audio, frames, fps, samples, num_out, stream, options, progress, cancel, st
+                )
+                frames, fps = prep.frames, prep.fps
+                try:
+                    result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st, decoding)
+                finally:
+                    if isinstance(prep.masks, MaskStream):
+                        prep.masks.close()  # stops the mask thread if the job ended before it did
             finally:
                 if stream is not None:
                     stream.close()
-            frames, fps = prep.frames, prep.fps
-            try:
-                result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st)
-            finally:
-                if isinstance(prep.masks, MaskStream):
-                    prep.masks.close()  # stops the mask thread if the job ended before it did
             if remember is not None:
                 remember()  # the avatar cache entry, now that every mask is made
             return result
@@ -835,8 +861,10 @@ class Pipeline:
         progress: Optional[ProgressFn],
         cancel: Optional[threading.Event],
         st: _Stages,
+        decoding: Optional[Any] = None,
     ) -> Result:
-        """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``."""
+        """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``.
+        ``decoding``: the ``media.FrameStream`` still filling ``frames`` (see ``_prepare_streamed``)."""
         from .media import VideoWriter
 
         with torch.inference_mode():
@@ -863,7 +891,13 @@ class Pipeline:
             except Exception as exc:
                 raise EngineRuntimeError(f"could not start the video encoder for {output.name}: {exc}") from exc
             try:
-                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st)
+                batch = self.generate(prep, cond, writer, batch, progress=progress, cancel=cancel, stages=st,
+                                      frames_ready=None if decoding is None else decoding.wait)
+                if decoding is not None:
+                    with st.stage("decode"):
+                        decoding.result()  # a decode error is the job's error
+                    if not decoding.predicted:
+                        raise _HeaderBroken(f"the file holds other frames than its header said ({frames.shape[0]} at {fps:.3f} fps)")
                 if progress is not None:
                     progress("blend", len(prep.masks), len(prep.masks))
                 t = time.perf_counter()
@@ -871,7 +905,7 @@ class Pipeline:
                 st.add("encode", time.perf_counter() - t)
             except BaseException as exc:
                 _abort(writer)
-                if isinstance(exc, (JobError, KeyboardInterrupt, SystemExit)):
+                if isinstance(exc, (JobError, KeyboardInterrupt, SystemExit, _HeaderBroken)):
                     raise
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     raise EngineRuntimeError(f"out of GPU memory: {exc}") from exc
@@ -908,17 +942,21 @@ class Pipeline:
         progress: Optional[ProgressFn],
         cancel: Optional[threading.Event],
         st: _Stages,
-    ) -> tuple[PreparedVideo, Optional[Any], int]:
+    ) -> tuple[PreparedVideo, Optional[Any], int, Optional[Any]]:
         """``_prepare_cached`` on frames that may still be decoding (``stream``, see ``_decode``);
-        also returns the output frame count. When the file did not keep its header's word
+        also returns the output frame count and, after an avatar cache hit (nothing read the
+        pixels yet), the stream still decoding: ``_render`` waits for the rows it needs and checks
+        the file at the end. Otherwise, when the file did not keep its header's word
         (``FrameStream.predicted`` is False: fewer or more frames, variable timing), the work is
         redone on the frames it really holds, and an input error met on the predicted frames is
         not trusted either: the redo reports its own. A decode error is reported as such."""
         if stream is None:
-            return (*self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st), num_out)
+            return (*self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st), num_out, None)
         prep: Optional[PreparedVideo] = None
         try:
             prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st, stream.wait)
+            if not isinstance(prep.masks, MaskStream):  # a cache hit: no pixel was read
+                return prep, remember, num_out, stream
         except (InputMediaError, SpecError):
             with st.stage("decode"):
                 stream.result()  # raises the decode's error, if any
@@ -932,7 +970,7 @@ class Pipeline:
                 prep.masks.close()
             raise
         if prep is not None and stream.predicted:
-            return prep, remember, num_out
+            return prep, remember, num_out, None
         if prep is not None and isinstance(prep.masks, MaskStream):
             prep.masks.close()
         log.info("video %s: the file holds %d frames at %.3f fps, its header said %d at %.3f; preparing them again",
@@ -940,7 +978,7 @@ class Pipeline:
         num_out = self._num_output_frames(samples, float(vf.fps), audio)
         _check_cancel(cancel)
         prep, remember = self._prepare_cached(video, vf.frames, float(vf.fps), num_out, options, progress, cancel, st)
-        return prep, remember, num_out
+        return prep, remember, num_out, None
 
     def _prepare_cached(
         self,
@@ -995,6 +1033,39 @@ class Pipeline:
                 f"{fps:.3f} fps; use at least {1 / fps:.3f} s of audio"
             )
         return n
+
+
+class _FrameFeed:
+    """The generate loop's input frames: ``rows(k)`` makes ``frames[:k]`` readable and returns
+    them as a uint8 tensor on ``device`` (``None``: the loop copies each batch's frames from the
+    host). Rows still decoding (``ready``) are waited for and uploaded in the order they are
+    needed; complete frames go up in one copy at the first call."""
+
+    def __init__(self, frames: np.ndarray, device: Optional[torch.device], ready: Optional[Callable[[int], None]]) -> None:
+        self.frames, self.ready = frames, ready
+        self.n = int(frames.shape[0])
+        self.done = 0
+        self.dev: Optional[torch.Tensor] = None
+        if device is None:
+            pass
+        elif device.type != "cuda":
+            self.dev = torch.from_numpy(frames)  # the same memory: readable once ready says so
+            self.done = self.n
+        else:
+            self.dev = torch.empty(frames.shape, dtype=torch.uint8, device=device)
+
+    def rows(self, k: int) -> Optional[torch.Tensor]:
+        k = self.n if self.ready is None else min(int(k), self.n)
+        if self.ready is not None:
+            self.ready(k)
+        if self.dev is not None and k > self.done:
+            self.dev[self.done : k].copy_(torch.from_numpy(self.frames[self.done : k]))
+            self.done = k
+        return self.dev
+
+
+class _HeaderBroken(Exception):
+    """Frames rendered while decoding turned out not to be the file's (``FrameStream.predicted``)."""
 
 
 def _bucket(n: int, batch: int) -> int:
