@@ -576,6 +576,8 @@ def test_i420_input_matches_rgb_input_within_colour_rounding(tmp_path, kw):
     # rounding (<= 1 level, tests/test_colour.py).
     ya, yb = _decoded_i420(out_rgb), _decoded_i420(out_yuv)
     assert ya.shape == yb.shape == (12, 96, 98)
+    # The encoder got exactly the arrays' pixels (frames wrap the arrays' memory; crf 0 is lossless).
+    np.testing.assert_array_equal(yb, i420)
     dy = np.abs(ya.astype(np.int16) - yb.astype(np.int16))
     assert dy.max() <= 1 and dy.mean() < 0.1, (dy.max(), dy.mean())
     a, b = media.read_frames(out_rgb).frames, media.read_frames(out_yuv).frames
