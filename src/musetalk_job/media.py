@@ -321,6 +321,7 @@ class _Hooks:
 
 
 def _read_frames(p: Path, image_fps: float, hooks: Optional[_Hooks] = None) -> VideoFrames:
+    hooks = hooks or _Hooks()
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         return _image_frames(p, image_fps)
     container = _open(p)
@@ -355,21 +356,20 @@ def _read_frames(p: Path, image_fps: float, hooks: Optional[_Hooks] = None) -> V
             dst[...] = np.rot90(rgb, rotation // 90) if rotation else rgb
 
         def drain(keep: int) -> None:
-            while len(pending) > keep or (hooks is not None and pending and pending[0].done()):
+            while len(pending) > keep or (pending and pending[0].done()):
                 pending.popleft().result()
-            if hooks is not None:
-                hooks.progress(n - len(pending))
+            hooks.progress(n - len(pending))
 
         try:
             for frame in container.decode(stream):
-                if hooks is not None and hooks.stopped():
+                if hooks.stopped():
                     break
                 if buf is None:
                     rotation = _rotation_of(frame)
                     first_w, first_h = frame.width, frame.height
                     shape = (first_w, first_h) if rotation in (90, 270) else (first_h, first_w)
                     buf = np.empty((capacity, shape[0], shape[1], 3), dtype=np.uint8)
-                    if hooks is not None and stated and rate is not None:
+                    if stated and rate is not None:
                         hooks.started(buf, rate)
                 if n == buf.shape[0]:
                     drain(0)  # nothing may write into the old buffer once it is replaced
@@ -482,9 +482,7 @@ class FrameStream(_Hooks):
     def predicted(self) -> bool:
         """After ``result()``: whether its frames are ``frames`` (see the class doc)."""
         r = self._result
-        return r is not None and self.frames is not None and r.frames.shape == self.frames.shape and (
-            r.frames.__array_interface__["data"][0] == self.frames.__array_interface__["data"][0]
-        )
+        return r is not None and self.frames is not None and r.frames.base is self.frames and r.frames.shape == self.frames.shape
 
     def close(self) -> None:
         self._stop.set()

@@ -952,27 +952,26 @@ class Pipeline:
         not trusted either: the redo reports its own. A decode error is reported as such."""
         if stream is None:
             return (*self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st), num_out, None)
-        prep: Optional[PreparedVideo] = None
         try:
             prep, remember = self._prepare_cached(video, frames, fps, num_out, options, progress, cancel, st, stream.wait)
-            if not isinstance(prep.masks, MaskStream):  # a cache hit: no pixel was read
-                return prep, remember, num_out, stream
         except (InputMediaError, SpecError):
             with st.stage("decode"):
                 stream.result()  # raises the decode's error, if any
             if stream.predicted:
                 raise
-        try:
-            with st.stage("decode"):  # the part of the decode the preparation did not hide
-                vf = stream.result()
-        except BaseException:
-            if prep is not None and isinstance(prep.masks, MaskStream):
+        else:
+            if not isinstance(prep.masks, MaskStream):  # a cache hit: no pixel was read
+                return prep, remember, num_out, stream
+            try:
+                with st.stage("decode"):  # the part of the decode the preparation did not hide
+                    stream.result()
+            except BaseException:
                 prep.masks.close()
-            raise
-        if prep is not None and stream.predicted:
-            return prep, remember, num_out, None
-        if prep is not None and isinstance(prep.masks, MaskStream):
+                raise
+            if stream.predicted:
+                return prep, remember, num_out, None
             prep.masks.close()
+        vf = stream.result()
         log.info("video %s: the file holds %d frames at %.3f fps, its header said %d at %.3f; preparing them again",
                  video.name, vf.frames.shape[0], vf.fps, frames.shape[0], fps)
         num_out = self._num_output_frames(samples, float(vf.fps), audio)
@@ -1046,12 +1045,10 @@ class _FrameFeed:
         self.n = int(frames.shape[0])
         self.done = 0
         self.dev: Optional[torch.Tensor] = None
-        if device is None:
-            pass
-        elif device.type != "cuda":
+        if device is not None and device.type != "cuda":
             self.dev = torch.from_numpy(frames)  # the same memory: readable once ready says so
             self.done = self.n
-        else:
+        elif device is not None:
             self.dev = torch.empty(frames.shape, dtype=torch.uint8, device=device)
 
     def rows(self, k: int) -> Optional[torch.Tensor]:
