@@ -452,6 +452,43 @@ def engine_function(name: str, replacement: Callable[..., Any]) -> Any:
     return patched(blending, name, replacement)
 
 
+def _frame_key(frame: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(frame[::4, ::4]).tobytes(), digest_size=16).digest()
+
+
+def dwpose_known_boxes(video: Path, boxes: Path) -> Callable[..., Any]:
+    """A ``DWPoseDetector.detect`` that runs the real network on the frames it is given (warp,
+    forward pass, flip average, SimCC decode) and returns the boxes file's box for each of them.
+    Random DWPose weights find no face, so this is how W1 runs with the landmark stage's real
+    cost (``--dwpose-w1``); the frames are recognised by their content."""
+    from musetalk_job.landmarks.boxes import read_boxes_file
+    from musetalk_job.media import read_frames
+
+    frames = read_frames(video).frames
+    table = {_frame_key(f): b for f, b in zip(frames, read_boxes_file(boxes, len(frames)))}
+
+    def detect(self: Any, frames: np.ndarray, *, bbox_shift: int = 0, batch_size: Optional[int] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> list[Any]:
+        self.keypoints(frames, batch_size=batch_size, progress=progress)
+        return [table[_frame_key(f)] for f in frames]
+
+    return detect
+
+
+def trimmed_video(video: Path, boxes: Path, out_dir: Path, frames: int) -> tuple[Path, Path]:
+    """The first ``frames`` frames of ``video`` (re-encoded, crf 12) and their boxes file."""
+    from musetalk_job.landmarks.boxes import read_boxes_file, write_boxes_file
+    from musetalk_job.media import probe
+
+    dst = out_dir / f"face_{frames}f.mp4"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-map", "0:v:0", "-frames:v", str(frames),
+                    "-c:v", "libx264", "-preset", "veryfast", "-crf", "12", "-pix_fmt", "yuv420p", str(dst)], check=True)
+    n = probe(video).n_frames
+    cut = out_dir / f"boxes_{frames}f.json"
+    write_boxes_file(cut, list(read_boxes_file(boxes, n))[: probe(dst).n_frames])
+    return dst, cut
+
+
 def cpu_seconds() -> float:
     """CPU time (user + system) this process has used so far, all its threads (x264's included)."""
     import resource
@@ -473,6 +510,8 @@ def compare_summary(runs: dict[str, Any], names: tuple[str, str], rounds: int, f
     of a preset wrote the same bytes."""
     summary: dict[str, Any] = {}
     for sfx in [""] + ([f"_preset_{fast_preset}"] if fast_preset else []):
+        if f"warm_{names[0]}_r0{sfx}" not in runs:  # a compare run at one preset only
+            continue
         walls = {name: [runs[f"warm_{name}_r{r}{sfx}"]["wall_s"] for r in range(rounds)] for name in names}
         summary[sfx.lstrip("_") or "default_preset"] = {
             "median_wall_s": {name: round(statistics.median(v), 3) for name, v in walls.items()},
@@ -771,6 +810,42 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 preset_runs(f"warm_{name}_r{r}", f"sd{int(streamed)}{r}", audio, stream_decode=streamed)
         report["stream_decode_compare"] = compare_summary(runs, ("streamed", "decode_first"), args.stream_decode_compare, args.fast_preset)
         save()
+    if args.dwpose_w1 and not args.only_cold_warm:
+        # W1 detecting its faces with DWPose (the default landmarks; the network's real work,
+        # the boxes file's boxes): padded batches analysed while the video decodes (the default)
+        # against unpadded batches after it has decoded (before), at the fast preset.
+        from musetalk_job.landmarks.dwpose import DWPoseDetector
+
+        det = pipe.detector("dwpose")
+        det.warmup()  # as Pipeline.warmup() does for a loaded detector
+        fast = {"preset": args.fast_preset} if args.fast_preset else {}
+        sfx = f"_preset_{args.fast_preset}" if args.fast_preset else ""
+
+        def dw_run(key: str, label: str, new: bool) -> None:
+            saved = det.pad_batches, det.independent_frames
+            det.pad_batches, det.independent_frames = (None, True) if new else (False, False)
+            try:
+                runs[key + sfx] = w1_run(pipe, video, audio, None, out_dir, label, landmarks="dwpose", **fast)
+            finally:
+                det.pad_batches, det.independent_frames = saved
+            save()
+
+        with patched(DWPoseDetector, "detect", dwpose_known_boxes(video, boxes)):
+            # first: the unpadded last batch (250 = 7 x 32 + 26) meets its shape for the first time
+            dw_run("dwpose_before_first_job", "dwb", False)
+            for r in range(args.dwpose_w1):
+                for new in ((True, False) if r % 2 == 0 else (False, True)):
+                    dw_run(f"warm_dwpose_{'after' if new else 'before'}_r{r}", f"dw{int(new)}{r}", new)
+        report["dwpose_compare"] = compare_summary(runs, ("dwpose_after", "dwpose_before"), args.dwpose_w1, args.fast_preset)
+        save()
+    if args.new_length and not args.only_cold_warm:
+        # A video of a length no job in this process had (boxes file): the first job at that
+        # length against the second; any model still meeting a new shape shows in the first.
+        fast = {"preset": args.fast_preset} if args.fast_preset else {}
+        cut, cut_boxes = trimmed_video(video, boxes, out_dir, args.new_length)
+        for k in ("first", "second"):
+            runs[f"new_length_{k}"] = w1_run(pipe, cut, audio, cut_boxes, out_dir, f"nl{k}", **fast)
+            save()
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -918,6 +993,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-decode-compare", type=int, default=1,
                    help="rounds of W1 warm with the frames used while they decode against decoded first (0: skip)")
     p.add_argument("--masks-pipeline-compare", type=int, default=1, help="also W1 warm with the mask chunks made one after the other (1/0)")
+    p.add_argument("--dwpose-w1", type=int, default=1,
+                   help="rounds of W1 detecting faces with DWPose, padded and while decoding against before (0: skip)")
+    p.add_argument("--new-length", type=int, default=233,
+                   help="also W1 twice on the video cut to this many frames (first job at a new length; 0: skip)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

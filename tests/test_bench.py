@@ -63,6 +63,15 @@ def test_bench_smoke_reports_w1_runs_that_match_their_output(report: dict) -> No
     compare = report["stream_decode_compare"]["default_preset"]
     assert compare["same_output"] and set(compare["median_wall_s"]) == {"streamed", "decode_first"}
     assert report["frame_copy_compare"]["default_preset"]["same_output"]
+    # W1 detecting its faces with DWPose's real network (boxes recognised from the boxes file):
+    # the boxes file's output, whichever way the batches ran.
+    dw = report["dwpose_compare"]["default_preset"]
+    assert dw["same_output"] and set(dw["median_wall_s"]) == {"dwpose_after", "dwpose_before"}
+    first = report["w1"]["dwpose_before_first_job"]
+    assert first["stage_seconds"]["landmarks"] > 0 and first["options"]["landmarks"] == "dwpose"
+    assert first["output_sha256"] == report["w1"]["warm_dwpose_after_r0"]["output_sha256"]
+    assert first["frames_with_face"] == report["w1"]["warm"]["frames_with_face"]
+    assert report["w1"]["new_length_first"]["frames"] == report["w1"]["new_length_second"]["frames"] == 25
 
 
 def test_bench_smoke_times_each_model_and_the_landmarks(report: dict) -> None:

@@ -217,6 +217,66 @@ def test_face_presence_rule_and_boxes(detector: DWPoseDetector, frames: np.ndarr
         detector.face_score_threshold = old
 
 
+def test_padded_batches_keep_one_shape_and_the_results(detector: DWPoseDetector, frames: np.ndarray) -> None:
+    shapes: list[int] = []
+    hook = detector.model.register_forward_pre_hook(lambda _m, args: shapes.append(args[0].shape[0]))
+    padded = DWPoseDetector(model=detector.model, device=detector.device, pad_batches=True)
+    try:
+        assert not detector._pads() and padded._pads()  # CPU default: no padding
+        plain = detector.keypoints(frames, batch_size=2)
+        assert shapes == [4, 2]  # [batch, mirrored batch]: the last batch is short
+        shapes.clear()
+        got = padded.keypoints(frames, batch_size=2)
+        assert shapes == [4, 4]  # the short batch filled up to the batch size
+        shapes.clear()
+        padded.warmup(batch_size=2)
+        assert shapes == [4]
+    finally:
+        hook.remove()
+    assert got.keypoints.shape == (3, 133, 2) and got.scores.shape == (3, 133)
+    assert np.array_equal(got.keypoints, plain.keypoints)
+    np.testing.assert_allclose(got.scores, plain.scores, atol=1e-4)
+    center, scale = topdown.frame_center_scale(96, 72)
+    mat = topdown.warp_matrix(center, scale)
+    warped = topdown.warp_frames(frames[:1], mat, rows=3)
+    assert warped.shape == (3, 384, 288, 3) and not warped[1:].any()
+    assert np.array_equal(warped[:1], topdown.warp_frames(frames[:1], mat))
+
+
+def test_detect_boxes_works_through_frames_as_they_arrive(detector: DWPoseDetector, frames: np.ndarray) -> None:
+    # 7 frames: frame 4 repeats frame 3 (a duplicate across the pieces' boundary), 6 repeats 5
+    rows = [frames[0], frames[1], frames[2], frames[0], frames[0], np.roll(frames[0], 9, axis=0), None]
+    rows[6] = rows[5]
+    video = np.ascontiguousarray(np.stack(rows))
+
+    class KeypointBoxes(DWPoseDetector):
+        """The real network; each frame's "box" is made of its first face keypoints (random weights
+        give no valid face box), so the boxes tell the analysed frames apart."""
+
+        def boxes_from_result(self, result, *, bbox_shift=0):  # type: ignore[override]
+            return [tuple(int(v * 1000) for v in kp[23:25].ravel()) for kp in result.keypoints]
+
+    det = KeypointBoxes(model=detector.model, device=detector.device)
+    ref = detect_boxes(video, backend="dwpose", detector=det, batch_size=2)
+    assert ref[4] == ref[3] and ref[6] == ref[5] and len({ref[0], ref[1], ref[2], ref[5]}) == 4
+    buf = np.zeros_like(video)  # rows appear only when ready(k) says they are decoded
+    asked: list[int] = []
+    seen: list[tuple[str, int, int]] = []
+
+    def ready(k: int) -> None:
+        asked.append(k)
+        buf[:k] = video[:k]
+
+    got = detect_boxes(buf, backend="dwpose", detector=det, batch_size=2, ready=ready, progress=lambda *a: seen.append(a))
+    assert got == ref
+    assert asked == [2, 4, 6, 7]
+    assert seen == [("landmarks", 2, 7), ("landmarks", 4, 7), ("landmarks", 6, 7), ("landmarks", 7, 7)]
+    # a detector whose frames depend on each other (the cascade tracks the face) waits for all
+    asked.clear()
+    detect_boxes(video[:3], backend="cascade", ready=asked.append)
+    assert asked == [3]
+
+
 def test_detect_boxes_input_checks(detector: DWPoseDetector) -> None:
     assert detect_boxes(np.zeros((0, 8, 8, 3), np.uint8), detector=detector) == []
     with pytest.raises(ValueError):

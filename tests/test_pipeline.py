@@ -521,7 +521,14 @@ def test_a_cache_hit_on_a_file_that_breaks_its_header_renders_again(pipe, face_v
 
 
 def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
-    assert pipe.warmup(batch_size=3, frame_size=(64, 48)) > 0
+    det = pipe.detector("dwpose")  # loaded detectors are warmed at their batch shape too
+    shapes: list[int] = []
+    hook = det.model.register_forward_pre_hook(lambda _m, args: shapes.append(args[0].shape[0]))
+    try:
+        assert pipe.warmup(batch_size=3, frame_size=(64, 48)) > 0
+    finally:
+        hook.remove()
+    assert shapes == [2 * det.default_batch_size()]
 
 
 def test_version_mismatch_is_a_spec_error(pipe, face_video, speech_wav, boxes_file, tmp_path) -> None:

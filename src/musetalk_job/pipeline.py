@@ -269,8 +269,9 @@ class Pipeline:
     @torch.inference_mode()
     def warmup(self, batch_size: Optional[int] = None, frame_size: tuple[int, int] = (1280, 720)) -> float:
         """Run every model once on dummy data at the shapes a job uses (UNet + VAE decode at the
-        batch size, VAE encode at half of it, Whisper, BiSeNet): CUDA contexts, cuBLAS/cuDNN plans
-        and lazily loaded kernels are then ready. Returns the seconds it took."""
+        batch size, VAE encode at half of it, Whisper, BiSeNet, the landmark detectors loaded so
+        far): CUDA contexts, cuBLAS/cuDNN plans and lazily loaded kernels are then ready. Returns
+        the seconds it took."""
         from .latents import FACE_SIZE, LATENT_SIZE
 
         t = time.perf_counter()
@@ -289,6 +290,11 @@ class Pipeline:
         whisper_features(np.zeros(16000, dtype=np.float32), m)
         parse = self._chunk(batch)
         m.bisenet(torch.zeros((parse, 3, 512, 512), device=self.device, dtype=next(m.bisenet.parameters()).dtype))
+        with self._detector_lock:
+            detectors = list(self._detectors.values())
+        for det in detectors:  # the loaded landmark detectors at their batch shape
+            if hasattr(det, "warmup"):
+                det.warmup()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t
@@ -427,8 +433,6 @@ class Pipeline:
             from .landmarks import detect_boxes
 
             bbox_shift = options.bbox_shift if options.version == "v1" else 0  # v1.5 forces 0 (official)
-            if ready is not None:
-                ready(n_analyse)
             raw = list(
                 detect_boxes(
                     frames[:n_analyse],
@@ -436,6 +440,7 @@ class Pipeline:
                     detector=self.detector(options.landmarks),
                     bbox_shift=bbox_shift,
                     progress=progress,
+                    ready=ready,  # DWPose works through the frames as they decode
                 )
             )
             raw += [None] * (n - len(raw))

@@ -6,10 +6,14 @@ Contract:
   ``<models_dir>/dwpose/dw-ll_ucoco_384.pth`` (missing/corrupt → ``ModelsError`` naming the file
   and the ``cascade`` option; never a silent fallback); ``"cascade"`` needs no weights.
 * ``detect_boxes(frames [N,H,W,3] RGB uint8, *, backend, detector=None, bbox_shift=0,
-  batch_size=None, progress=None) -> list[box | None]``: one box per given frame (callers pass
-  the distinct input frames once; boxes are reused for every output frame that shows that
-  input frame). A frame identical to its predecessor is not analysed again: it gets the same
-  box. ``progress("landmarks", done, total)`` after each batch (total = frames analysed).
+  batch_size=None, progress=None, ready=None) -> list[box | None]``: one box per given frame
+  (callers pass the distinct input frames once; boxes are reused for every output frame that
+  shows that input frame). A frame identical to its predecessor is not analysed again: it gets
+  the same box. ``progress("landmarks", done, total)`` after each batch (total = frames
+  analysed). ``ready(k)``, when given, blocks until ``frames[:k]`` hold their pixels (a video
+  still decoding): a detector whose frames are analysed independently
+  (``independent_frames``, DWPose) then works through the frames a batch at a time as they
+  arrive, with the same result; any other waits for all of them.
 * Boxes are ``(x1, y1, x2, y2)`` Python ints before ``extra_margin``; ``None`` = no face, and the
   engine passes such frames through unchanged.
 
@@ -79,6 +83,7 @@ def detect_boxes(
     bbox_shift: int = 0,
     batch_size: Optional[int] = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
+    ready: Optional[Callable[[int], None]] = None,
 ) -> "list[Optional[Box]]":
     """One face box (or None) per frame of ``frames`` [N,H,W,3] RGB uint8."""
     import numpy as np
@@ -94,31 +99,44 @@ def detect_boxes(
         detector = load_detector("cascade", None)
     if detector.backend != backend:
         raise ValueError(f"detector is for backend {detector.backend!r}, not {backend!r}")
-    cb = None
-    if progress is not None:
-        def cb(done: int, total: int) -> None:
-            progress("landmarks", done, total)
-    keep = _distinct_runs(arr)
-    found = list(detector.detect(arr[keep] if len(keep) < len(arr) else arr, bbox_shift=bbox_shift,
-                                 batch_size=batch_size, progress=cb))
-    if len(keep) == len(arr):
-        return found
-    # a frame identical to the one before it (VFR→CFR duplicates, stills) reuses that frame's box
+    n = arr.shape[0]
+    if ready is not None and getattr(detector, "independent_frames", False):
+        step = max(1, int(batch_size or detector.default_batch_size()))
+        pieces = [(a, min(n, a + step)) for a in range(0, n, step)]
+    else:
+        pieces = [(0, n)]
+    cb: Optional[Callable[[int, int], None]] = None
+    if progress is not None and len(pieces) == 1:
+        cb = lambda done, total: progress("landmarks", done, total)  # noqa: E731
     out: list = []
-    j = -1
-    for i in range(len(arr)):
-        if j + 1 < len(keep) and keep[j + 1] == i:
-            j += 1
-        out.append(found[j])
+    for a, b in pieces:
+        if ready is not None:
+            ready(b)
+        keep = _distinct_runs(arr, a, b)
+        found = list(detector.detect(arr[keep] if len(keep) < b - a else arr[a:b], bbox_shift=bbox_shift,
+                                     batch_size=batch_size, progress=cb)) if keep else []
+        if progress is not None and len(pieces) > 1:
+            progress("landmarks", b, n)  # frames covered so far (duplicates included)
+        # a frame identical to the one before it (VFR→CFR duplicates, stills) reuses that frame's box
+        j = -1
+        for i in range(a, b):
+            if j + 1 < len(keep) and keep[j + 1] == i:
+                j += 1
+            out.append(found[j] if j >= 0 else out[-1])
     return out
 
 
-def _distinct_runs(frames: "np.ndarray") -> list[int]:
-    """Indices of frames that differ from their predecessor (a sparse sample is compared first)."""
+def _distinct_runs(frames: "np.ndarray", start: int = 0, stop: Optional[int] = None) -> list[int]:
+    """Indices in ``[start, stop)`` of frames that differ from their predecessor (a sparse sample
+    is compared first); ``frames[start]`` is compared with ``frames[start - 1]`` when there is one."""
     import numpy as np
 
-    keep = [0]
-    for i in range(1, frames.shape[0]):
+    stop = frames.shape[0] if stop is None else stop
+    keep = []
+    for i in range(start, stop):
+        if i == 0:
+            keep.append(0)
+            continue
         a, b = frames[i], frames[i - 1]
         if not (np.array_equal(a[::17, ::17], b[::17, ::17]) and np.array_equal(a, b)):
             keep.append(i)

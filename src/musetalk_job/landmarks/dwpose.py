@@ -18,7 +18,13 @@ Contract:
 * ``DWPoseDetector.keypoints(frames)`` runs the official top-down recipe (``topdown.py``) on
   every frame in batches: CPU ``cv2.warpAffine`` to 288×384 (bit parity with mmpose), then on
   the device: normalise, one forward pass over ``[batch, flipped batch]``, flip-average,
-  SimCC decode. ``DWPoseDetector.detect(frames)`` turns the 68 face points into boxes.
+  SimCC decode. ``DWPoseDetector.detect(frames)`` turns the 68 face points into boxes. On CUDA
+  every forward pass has the same shape: a short last batch is padded with black frames
+  (``pad_batches``). cuDNN picks its algorithms per shape, so a frame's result then does not
+  depend on the video's length or on where the frame falls in a batch, and a job never meets
+  a shape for the first time (building its plans took ~0.7 s on an H200; ``warmup()`` builds
+  the one shape in start-up). A frame's keypoints depend only on that frame
+  (``independent_frames``), so callers may analyse a video in pieces as it decodes.
 * Face presence (official runs S3FD for this): a frame has a face when the mean score of the
   68 face keypoints is ≥ ``FACE_SCORE_THRESHOLD`` (0.3) *and* the landmark box is valid;
   otherwise ``None`` (no S3FD fallback box).
@@ -508,6 +514,9 @@ class DWPoseDetector:
     device: torch.device
     face_score_threshold: float = FACE_SCORE_THRESHOLD
     backend: str = "dwpose"
+    # None: pad on CUDA only (on the CPU a padded frame costs more than a new shape does)
+    pad_batches: Optional[bool] = None
+    independent_frames: bool = True
     _flip: list[int] = field(default_factory=topdown.flip_indices)
 
     @classmethod
@@ -517,6 +526,18 @@ class DWPoseDetector:
 
     def default_batch_size(self) -> int:
         return CUDA_BATCH if self.device.type == "cuda" else CPU_BATCH
+
+    def _pads(self) -> bool:
+        return self.device.type == "cuda" if self.pad_batches is None else bool(self.pad_batches)
+
+    def warmup(self, batch_size: Optional[int] = None) -> None:
+        """One forward pass at the batch shape jobs use (with padding, the only one), so that the
+        first job does not build its cuDNN plans."""
+        bs = max(1, int(batch_size or self.default_batch_size()))
+        w, h = topdown.INPUT_SIZE
+        self._forward(np.zeros((bs, h, w, 3), dtype=np.uint8))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def _forward(self, warped: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,7 +567,8 @@ class DWPoseDetector:
         """Wholebody keypoints of every frame ``[N,H,W,3]`` RGB uint8, whole frame as the person box.
 
         The CPU warp of the next batch runs in a worker thread (OpenCV releases the GIL) while the
-        device works on the current one.
+        device works on the current one. With ``pad_batches`` a short batch is filled up with
+        black frames to ``batch_size`` (their results are dropped).
         """
         from concurrent.futures import ThreadPoolExecutor
 
@@ -554,19 +576,24 @@ class DWPoseDetector:
         bs = max(1, int(batch_size or self.default_batch_size()))
         center, scale = topdown.frame_center_scale(w, h)
         mat = topdown.warp_matrix(center, scale)
+        rows = bs if self._pads() else None
+
+        def warp(part: np.ndarray) -> np.ndarray:
+            return topdown.warp_frames(part, mat, rows=rows)
         kps = np.empty((n, topdown.NUM_KEYPOINTS, 2), dtype=np.float64)
         scores = np.empty((n, topdown.NUM_KEYPOINTS), dtype=np.float32)
         starts = list(range(0, n, bs))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dwpose-warp") as pool:
-            pending = pool.submit(topdown.warp_frames, frames[0:bs], mat) if starts else None
+            pending = pool.submit(warp, frames[0:bs]) if starts else None
             for i, start in enumerate(starts):
                 stop = min(n, start + bs)
                 warped = pending.result()  # type: ignore[union-attr]
                 if i + 1 < len(starts):
-                    pending = pool.submit(topdown.warp_frames, frames[stop:stop + bs], mat)
+                    pending = pool.submit(warp, frames[stop:stop + bs])
                 locs, vals = self._forward(warped)
-                kps[start:stop] = topdown.keypoints_to_frame(locs.cpu().numpy(), center, scale)
-                scores[start:stop] = vals.float().cpu().numpy()
+                k = stop - start
+                kps[start:stop] = topdown.keypoints_to_frame(locs[:k].cpu().numpy(), center, scale)
+                scores[start:stop] = vals[:k].float().cpu().numpy()
                 if progress is not None:
                     progress(stop, n)
         return WholebodyResult(kps, scores)

@@ -22,7 +22,7 @@ Everything here is numpy/cv2/torch maths with no model; ``dwpose.py`` runs the n
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -115,8 +115,11 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return pts @ matrix[:, :2].T + matrix[:, 2]
 
 
-def warp_frames(frames: np.ndarray, matrix: np.ndarray, output_size: tuple[int, int] = INPUT_SIZE) -> np.ndarray:
-    """``cv2.warpAffine`` (bilinear, zero border) of each frame ``[N,H,W,3]`` → ``[N,h,w,3]`` uint8.
+def warp_frames(
+    frames: np.ndarray, matrix: np.ndarray, output_size: tuple[int, int] = INPUT_SIZE, *, rows: Optional[int] = None
+) -> np.ndarray:
+    """``cv2.warpAffine`` (bilinear, zero border) of each frame ``[N,H,W,3]`` → ``[N,h,w,3]`` uint8;
+    with ``rows`` (≥ N) the result has ``rows`` rows, the ones past N black.
 
     Done on the CPU on purpose: OpenCV's uint8 bilinear warp uses fixed-point weights
     (1/32-pixel grid), which ``grid_sample`` cannot reproduce; matching the official
@@ -124,7 +127,9 @@ def warp_frames(frames: np.ndarray, matrix: np.ndarray, output_size: tuple[int, 
     """
     import cv2
 
-    out = np.empty((frames.shape[0], output_size[1], output_size[0], frames.shape[3]), dtype=np.uint8)
+    n = frames.shape[0]
+    shape = (max(n, rows or 0), output_size[1], output_size[0], frames.shape[3])
+    out = np.empty(shape, dtype=np.uint8) if shape[0] == n else np.zeros(shape, dtype=np.uint8)
     for i, frame in enumerate(frames):
         out[i] = cv2.warpAffine(np.ascontiguousarray(frame), matrix, output_size, flags=cv2.INTER_LINEAR)
     return out
@@ -134,8 +139,12 @@ def warp_frames(frames: np.ndarray, matrix: np.ndarray, output_size: tuple[int, 
 
 
 def flip_simcc(simcc_x, simcc_y, flip_idx: Sequence[int]):
-    """Undo a horizontal input flip on SimCC vectors ``[B,K,Wx]``, ``[B,K,Wy]`` (torch)."""
-    idx = list(flip_idx)
+    """Undo a horizontal input flip on SimCC vectors ``[B,K,Wx]``, ``[B,K,Wy]`` (torch).
+
+    ``flip_idx``: the flip table, a sequence or an index tensor on the vectors' device."""
+    import torch
+
+    idx = flip_idx if isinstance(flip_idx, torch.Tensor) else list(flip_idx)
     return simcc_x[:, idx].flip(-1), simcc_y[:, idx]
 
 
