@@ -401,10 +401,11 @@ def prepare_masks_serial(
     on_ready: Optional[Callable[[dict[int, Any]], None]] = None,
     stop: Any = None,
     frames_ready: Optional[Callable[[int], None]] = None,
+    pad: bool = False,
 ) -> list[Any]:
     """``blending.prepare_masks`` before its chunks were pipelined (commit b055a13): each chunk's
     parser inputs, parse and mask finishing one after the other. For the before/after run only
-    (``--masks-pipeline-compare``). ``frames_ready`` as in ``prepare_masks``."""
+    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -426,6 +427,8 @@ def prepare_masks_serial(
             if frames_ready is not None:
                 frames_ready(chunk[-1][0] + 1)
             inputs = np.stack(list(pool.map(lambda item: _parser_input(frames[item[0]], item[1]), chunk)))
+            if pad and len(inputs) < batch_size:
+                inputs = np.concatenate([inputs, np.zeros((batch_size - len(inputs), *inputs.shape[1:]), inputs.dtype)])
             classes = _parse(bisenet, inputs, device, dtype).cpu().numpy()
             masks = pool.map(
                 lambda j: _finish_mask(classes[j], chunk[j][1], mode, left_cheek_width, right_cheek_width),
@@ -453,7 +456,7 @@ def engine_function(name: str, replacement: Callable[..., Any]) -> Any:
 
 
 def _frame_key(frame: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(frame[::4, ::4]).tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(np.ascontiguousarray(frame[::16, ::16]).tobytes(), digest_size=16).digest()
 
 
 def dwpose_known_boxes(video: Path, boxes: Path) -> Callable[..., Any]:
@@ -476,16 +479,23 @@ def dwpose_known_boxes(video: Path, boxes: Path) -> Callable[..., Any]:
 
 
 def trimmed_video(video: Path, boxes: Path, out_dir: Path, frames: int) -> tuple[Path, Path]:
-    """The first ``frames`` frames of ``video`` (re-encoded, crf 12) and their boxes file."""
-    from musetalk_job.landmarks.boxes import read_boxes_file, write_boxes_file
-    from musetalk_job.media import probe
+    """The first ``frames`` frames of ``video`` (re-encoded with PyAV, crf 12) and their boxes file."""
+    import av
 
+    from musetalk_job.landmarks.boxes import read_boxes_file, write_boxes_file
+    from musetalk_job.media import read_frames
+
+    src = read_frames(video)
     dst = out_dir / f"face_{frames}f.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(video), "-map", "0:v:0", "-frames:v", str(frames),
-                    "-c:v", "libx264", "-preset", "veryfast", "-crf", "12", "-pix_fmt", "yuv420p", str(dst)], check=True)
-    n = probe(video).n_frames
+    with av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=int(round(src.fps)))
+        stream.width, stream.height, stream.pix_fmt = src.frames.shape[2], src.frames.shape[1], "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        for f in src.frames[:frames]:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode(None))
     cut = out_dir / f"boxes_{frames}f.json"
-    write_boxes_file(cut, list(read_boxes_file(boxes, n))[: probe(dst).n_frames])
+    write_boxes_file(cut, list(read_boxes_file(boxes, len(src.frames)))[:frames])
     return dst, cut
 
 
@@ -812,8 +822,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         save()
     if args.dwpose_w1 and not args.only_cold_warm:
         # W1 detecting its faces with DWPose (the default landmarks; the network's real work,
-        # the boxes file's boxes): padded batches analysed while the video decodes (the default)
-        # against unpadded batches after it has decoded (before), at the fast preset.
+        # the boxes file's boxes), at the fast preset, in three variants (below) in rotated rounds.
         from musetalk_job.landmarks.dwpose import DWPoseDetector
 
         det = pipe.detector("dwpose")
@@ -821,31 +830,61 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         fast = {"preset": args.fast_preset} if args.fast_preset else {}
         sfx = f"_preset_{args.fast_preset}" if args.fast_preset else ""
 
-        def dw_run(key: str, label: str, new: bool) -> None:
-            saved = det.pad_batches, det.independent_frames
-            det.pad_batches, det.independent_frames = (None, True) if new else (False, False)
+        # after: padded batches, analysed as the frames decode, faces encoded as their boxes come;
+        # pieces: the same without encoding faces before every box is known; before: unpadded
+        # batches once every frame has decoded, then the faces.
+        variants = {"after": (None, True, True), "pieces": (None, True, False), "before": (False, False, False)}
+
+        def dw_run(key: str, label: str, variant: str) -> None:
+            saved = det.pad_batches, det.independent_frames, pipe.stream_boxes
+            det.pad_batches, det.independent_frames, pipe.stream_boxes = variants[variant]
             try:
                 runs[key + sfx] = w1_run(pipe, video, audio, None, out_dir, label, landmarks="dwpose", **fast)
             finally:
-                det.pad_batches, det.independent_frames = saved
+                det.pad_batches, det.independent_frames, pipe.stream_boxes = saved
             save()
 
         with patched(DWPoseDetector, "detect", dwpose_known_boxes(video, boxes)):
             # first: the unpadded last batch (250 = 7 x 32 + 26) meets its shape for the first time
-            dw_run("dwpose_before_first_job", "dwb", False)
+            dw_run("dwpose_before_first_job", "dwb", "before")
+            order = list(variants)
             for r in range(args.dwpose_w1):
-                for new in ((True, False) if r % 2 == 0 else (False, True)):
-                    dw_run(f"warm_dwpose_{'after' if new else 'before'}_r{r}", f"dw{int(new)}{r}", new)
-        report["dwpose_compare"] = compare_summary(runs, ("dwpose_after", "dwpose_before"), args.dwpose_w1, args.fast_preset)
+                for k, variant in enumerate(order[r % 3:] + order[: r % 3]):
+                    dw_run(f"warm_dwpose_{variant}_r{r}", f"dw{k}{r}", variant)
+        report["dwpose_compare"] = compare_summary(runs, tuple(f"dwpose_{v}" for v in variants), args.dwpose_w1, args.fast_preset)
         save()
     if args.new_length and not args.only_cold_warm:
-        # A video of a length no job in this process had (boxes file): the first job at that
-        # length against the second; any model still meeting a new shape shows in the first.
+        # Jobs on a video of a length no job in this process had, as most jobs of a worker are:
+        # the first job at that length against the second at it, detecting faces with DWPose
+        # (as --dwpose-w1). "after": the engine as it is (DWPose and BiSeNet at one padded shape);
+        # "before": both at the video's own last-batch shape, on another new length.
+        from musetalk_job import blending
+        from musetalk_job.landmarks.dwpose import DWPoseDetector
+
+        det = pipe.detector("dwpose")
+        det.warmup()
         fast = {"preset": args.fast_preset} if args.fast_preset else {}
-        cut, cut_boxes = trimmed_video(video, boxes, out_dir, args.new_length)
-        for k in ("first", "second"):
-            runs[f"new_length_{k}"] = w1_run(pipe, cut, audio, cut_boxes, out_dir, f"nl{k}", **fast)
-            save()
+        prepare_masks = blending.prepare_masks
+
+        def unpadded_masks(*a: Any, **k: Any) -> Any:
+            return prepare_masks(*a, **{**k, "pad": False})
+
+        for variant, length in (("after", args.new_length), ("before", args.new_length - 16)):
+            cut, cut_boxes = trimmed_video(video, boxes, out_dir, length)
+            saved = det.pad_batches, det.independent_frames, pipe.stream_boxes
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(patched(DWPoseDetector, "detect", dwpose_known_boxes(cut, cut_boxes)))
+                if variant == "before":
+                    stack.enter_context(engine_function("prepare_masks", unpadded_masks))
+                    det.pad_batches, det.independent_frames, pipe.stream_boxes = False, False, False
+                try:
+                    for k in ("first", "second"):
+                        runs[f"new_length_{variant}_{k}"] = w1_run(pipe, cut, audio, None, out_dir, f"nl{variant}{k}",
+                                                                   landmarks="dwpose", **fast)
+                        runs[f"new_length_{variant}_{k}"]["input_frames"] = length
+                        save()
+                finally:
+                    det.pad_batches, det.independent_frames, pipe.stream_boxes = saved
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)
@@ -996,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dwpose-w1", type=int, default=1,
                    help="rounds of W1 detecting faces with DWPose, padded and while decoding against before (0: skip)")
     p.add_argument("--new-length", type=int, default=233,
-                   help="also W1 twice on the video cut to this many frames (first job at a new length; 0: skip)")
+                   help="W1 twice on the video cut to this many frames, and (before) to 16 fewer: first jobs at a new length (0: skip)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

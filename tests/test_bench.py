@@ -66,12 +66,15 @@ def test_bench_smoke_reports_w1_runs_that_match_their_output(report: dict) -> No
     # W1 detecting its faces with DWPose's real network (boxes recognised from the boxes file):
     # the boxes file's output, whichever way the batches ran.
     dw = report["dwpose_compare"]["default_preset"]
-    assert dw["same_output"] and set(dw["median_wall_s"]) == {"dwpose_after", "dwpose_before"}
+    assert dw["same_output"] and set(dw["median_wall_s"]) == {"dwpose_after", "dwpose_pieces", "dwpose_before"}
     first = report["w1"]["dwpose_before_first_job"]
     assert first["stage_seconds"]["landmarks"] > 0 and first["options"]["landmarks"] == "dwpose"
     assert first["output_sha256"] == report["w1"]["warm_dwpose_after_r0"]["output_sha256"]
     assert first["frames_with_face"] == report["w1"]["warm"]["frames_with_face"]
-    assert report["w1"]["new_length_first"]["frames"] == report["w1"]["new_length_second"]["frames"] == 25
+    for variant in ("after", "before"):
+        pair = [report["w1"][f"new_length_{variant}_{k}"] for k in ("first", "second")]
+        assert pair[0]["frames"] == pair[1]["frames"] == 25 and pair[0]["output_sha256"] == pair[1]["output_sha256"]
+        assert pair[0]["options"]["landmarks"] == "dwpose" and pair[0]["frames_with_face"] == 25
 
 
 def test_bench_smoke_times_each_model_and_the_landmarks(report: dict) -> None:

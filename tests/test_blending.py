@@ -361,6 +361,26 @@ def test_prepare_masks_batch_size_does_not_matter():
     assert any(not np.array_equal(a.alpha, r.alpha) for a, r in zip(one, raw) if a is not None)
 
 
+def test_padded_chunks_keep_one_parser_shape_and_the_masks():
+    frames, boxes = _scene()  # 3 frames with a mask: chunks of 2 leave a short last chunk
+    parser = ColourParser().eval()
+    shapes: list[int] = []
+    hook = parser.register_forward_pre_hook(lambda _m, args: shapes.append(args[0].shape[0]))
+    try:
+        plain = prepare_masks(frames, boxes, parser, device="cpu", batch_size=2)
+        assert shapes == [2, 1]
+        shapes.clear()
+        padded = prepare_masks(frames, boxes, parser, device="cpu", batch_size=2, pad=True)
+        assert shapes == [2, 2]
+    finally:
+        hook.remove()
+    for a, b in zip(plain, padded):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.box == b.box
+            np.testing.assert_array_equal(a.alpha, b.alpha)
+
+
 def test_prepare_masks_with_bisenet_architecture():
     bisenet_mod = pytest.importorskip("musetalk_job.models.bisenet")
     torch.manual_seed(0)

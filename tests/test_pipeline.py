@@ -520,6 +520,81 @@ def test_a_cache_hit_on_a_file_that_breaks_its_header_renders_again(pipe, face_v
     np.testing.assert_array_equal(_read(hit.output), _read(miss.output))
 
 
+def _known_boxes_detector(pipe: Pipeline, frames: np.ndarray, boxes_file: Path, monkeypatch, before=None) -> list:
+    """The pipeline's DWPose detector running its real network on the frames it is given and
+    answering with the boxes file's box for each (tiny random weights find no face); frames are
+    recognised by their content. ``before(piece)`` runs first; returns the list of pieces seen."""
+    from musetalk_job.landmarks.boxes import read_boxes_file
+
+    known = read_boxes_file(boxes_file, len(frames))
+    table = {f.tobytes(): known[i] for i, f in enumerate(frames)}
+    det = pipe.detector("dwpose")
+    keypoints = det.keypoints
+    pieces: list = []
+
+    def detect(piece: np.ndarray, *, bbox_shift: int = 0, batch_size=None, progress=None) -> list:
+        if before is not None:
+            before(piece)
+        pieces.append(len(piece))
+        keypoints(piece, batch_size=batch_size, progress=progress)
+        return [table[f.tobytes()] for f in piece]
+
+    monkeypatch.setattr(det, "detect", detect)
+    return pieces
+
+
+def test_faces_are_encoded_while_later_frames_are_analysed(pipe, face_video, speech_wav, frames_in, boxes_file, tmp_path, monkeypatch) -> None:
+    from musetalk_job import pipeline as pl
+
+    frames, _ = frames_in
+    encoding = threading.Event()
+    overlapped: list[bool] = []
+
+    def before(piece: np.ndarray) -> None:
+        if np.array_equal(piece[-1], frames[-1]):  # the last piece: has the encoder started already?
+            overlapped.append(encoding.wait(timeout=2.0))
+
+    pieces = _known_boxes_detector(pipe, frames, boxes_file, monkeypatch, before)
+    encode_faces = pl.encode_faces
+
+    def encode(*args: Any, **kwargs: Any) -> Any:
+        encoding.set()
+        return encode_faces(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "encode_faces", encode)
+    opts = EngineOptions(landmarks="dwpose", codec="ffv1", batch_size=4)
+    streamed = pipe.run(face_video, speech_wav, tmp_path / "streamed.mkv", opts)
+    assert overlapped == [True] and len(pieces) > 2  # a piece per DWPose batch, the encoder already busy
+    pieces.clear()
+    overlapped.clear()
+    encoding.clear()
+    pipe.stream_boxes = False
+    try:
+        first = pipe.run(face_video, speech_wav, tmp_path / "boxes_first.mkv", opts)
+    finally:
+        pipe.stream_boxes = True
+    assert overlapped == [False]  # every box first, then the encoder
+    assert streamed.boxes == first.boxes == json.loads(boxes_file.read_text())["frames"]
+    assert streamed.frames_with_face == first.frames_with_face == len(frames) - len(NO_FACE)
+    assert streamed.stage_seconds["landmarks"] > 0 and streamed.stage_seconds["latents"] >= 0
+    np.testing.assert_array_equal(_read(streamed.output), _read(first.output))
+
+
+def test_a_detector_failure_while_encoding_fails_the_job(pipe, face_video, speech_wav, frames_in, boxes_file, tmp_path, monkeypatch) -> None:
+    frames, _ = frames_in
+
+    def before(piece: np.ndarray) -> None:
+        if np.array_equal(piece[-1], frames[-1]):
+            raise InputMediaError("video: the detector gave up on the last frames")
+
+    _known_boxes_detector(pipe, frames, boxes_file, monkeypatch, before)
+    out = tmp_path / "o.mkv"
+    with pytest.raises(InputMediaError, match="gave up"):
+        pipe.run(face_video, speech_wav, out, EngineOptions(landmarks="dwpose", codec="ffv1", batch_size=4))
+    assert not out.exists()
+    assert not [t for t in threading.enumerate() if t.name in ("landmarks", "blend-masks")]
+
+
 def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
     det = pipe.detector("dwpose")  # loaded detectors are warmed at their batch shape too
     shapes: list[int] = []
