@@ -402,16 +402,20 @@ def prepare_masks_serial(
     stop: Any = None,
     frames_ready: Optional[Callable[[int], None]] = None,
     pad: bool = False,
+    boxes_ready: Optional[Callable[[int], None]] = None,
 ) -> list[Any]:
     """``blending.prepare_masks`` before its chunks were pipelined (commit b055a13): each chunk's
     parser inputs, parse and mask finishing one after the other. For the before/after run only
-    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``."""
+    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``; with
+    ``boxes_ready`` it waits for every box first."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from musetalk_job.blending import _finish_mask, _masks_to_make, _module_dtype, _parse, _parser_input, upload_masks
 
+    if boxes_ready is not None:
+        boxes_ready(len(boxes))
     todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
     dtype = _module_dtype(bisenet)

@@ -257,7 +257,12 @@ class Pipeline:
             # Off: on an H200 cuDNN's heuristics matched the autotuned algorithms (UNet, VAE encode
             # and decode within 1-4 %, bench/README.md) while autotuning added ~5 s to the first job.
             torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
-            torch.backends.cuda.matmul.allow_tf32 = True
+            # TF32 only changes fp32 matmuls, so it is left at PyTorch's default (off) for fp16/bf16
+            # models. DWPose runs its fp32 matmuls with it off, as official; were it on, DWPose
+            # would switch this process-wide flag off and on around its forward pass, and any
+            # compiled code running meanwhile on another thread would fail dynamo's guard on
+            # it and run eagerly (the landmarks thread of prepare_video, H200 run 45).
+            torch.backends.cuda.matmul.allow_tf32 = dt == torch.float32
             torch.backends.cudnn.allow_tf32 = True
         models = MuseTalkModels.load(Path(models_dir), version=version, device=dev, dtype=dt)
         pipe = cls(models, Path(models_dir))
@@ -471,6 +476,8 @@ class Pipeline:
         """Whether prepare_video crops and encodes faces while the detector analyses later frames."""
         if not self.stream_boxes or options.boxes_file is not None or options.smooth_boxes:
             return False
+        if self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            return False  # DWPose would flip the flag while compiled code runs (see from_models_dir)
         return bool(getattr(self.detector(options.landmarks), "independent_frames", False))
 
     @torch.inference_mode()
@@ -570,19 +577,15 @@ class Pipeline:
     ) -> PreparedVideo:
         """``prepare_video`` with the landmarks on a thread ("landmarks"): the faces are cropped
         and encoded a batch at a time as their boxes arrive (``_BoxFeed``), and the blend masks
-        start as soon as every box is known. The same boxes, latents and masks as all boxes first.
-        Stages: ``landmarks`` until the last box, ``latents`` what the encode takes after it."""
-        feed = _BoxFeed(n_analyse)
+        are made from the boxes as they arrive too. The same boxes, latents and masks as all boxes
+        first. Stages: ``landmarks`` until the last box, ``latents`` what the encode takes after it."""
         height = frames.shape[1]
+        feed = _BoxFeed(n_analyse, lambda b: self._blend_boxes([b], height, options)[0])
 
         def detect() -> None:
             try:
-                boxes = self._boxes(frames, n_analyse, options, progress, fps, ready, on_piece=feed.publish)
-                used = self._blend_boxes(boxes[:n_used], height, options)
-                if any(b is not None for b in used):
-                    self._start_masks(masks, frames[:n_used], used, mode, options, batch, ready)
-                feed.finish(boxes)
-            except BaseException as exc:  # handed to the encode loop and to result()
+                feed.finish(self._boxes(frames, n_analyse, options, progress, fps, ready, on_piece=feed.publish))
+            except BaseException as exc:  # handed to the encode loop, the masks and result()
                 feed.fail(exc)
 
         def face_batches(size: int) -> Iterator[tuple[list[int], list[Box]]]:
@@ -590,7 +593,7 @@ class Pipeline:
             found: list[Box] = []
             for i in range(n_used):
                 feed.wait(i + 1)
-                box = self._blend_boxes([feed.boxes[i]], height, options)[0]
+                box = feed.blended[i]
                 if box is not None:
                     rows.append(i)
                     found.append(box)
@@ -603,6 +606,7 @@ class Pipeline:
         start = time.perf_counter()
         landmarks = threading.Thread(target=detect, name="landmarks", daemon=True)
         landmarks.start()
+        self._start_masks(masks, frames[:n_used], _Prefix(feed.blended, n_used), mode, options, batch, ready, boxes_ready=feed.wait)
         try:
             self._ensure_compiled(batch, encoder=True)
             latents = self._with_oom_retry(
@@ -622,8 +626,8 @@ class Pipeline:
                 with st.stage("blend"):
                     masks.wait_all()
         except BaseException:
-            landmarks.join()  # it may still start the masks: close them after
             masks.close()
+            landmarks.join()
             raise
         landmarks.join()
         return self._prepared(frames, fps, boxes, n_used, face_idx, latents, masks, st)
@@ -637,8 +641,10 @@ class Pipeline:
         options: EngineOptions,
         batch: int,
         ready: Optional[Callable[[int], None]] = None,
+        boxes_ready: Optional[Callable[[int], None]] = None,
     ) -> None:
-        """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
+        """Make the blend masks in a background thread, publishing each chunk into ``masks``.
+        ``boxes_ready(k)``: blocks until ``boxes[:k]`` are final (boxes still being found)."""
         from .blending import prepare_masks
 
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -650,7 +656,7 @@ class Pipeline:
                         frames, boxes, self.models.bisenet, mode=mode,
                         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
                         device=self.device, batch_size=self._chunk(batch), on_ready=masks.publish, stop=masks.stop,
-                        frames_ready=ready, pad=self.pad_batches,
+                        frames_ready=ready, pad=self.pad_batches, boxes_ready=boxes_ready,
                     )
                 if not masks.done and not masks.stop.is_set():
                     raise EngineRuntimeError("blend masks: the mask thread ended without making every mask")
@@ -1170,12 +1176,32 @@ class _HeaderBroken(Exception):
     """Frames rendered while decoding turned out not to be the file's (``FrameStream.predicted``)."""
 
 
+class _Prefix(Sequence[Any]):
+    """The first ``n`` items of a list that is still being filled in (a live view, not a copy)."""
+
+    def __init__(self, items: list[Any], n: int) -> None:
+        self.items, self.n = items, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return self.items[: self.n][i]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.items[i % self.n]
+
+
 class _BoxFeed:
     """Face boxes published a run of frames at a time by the landmarks thread
-    (``Pipeline._prepare_streamed_boxes``); readers wait for the boxes they need."""
+    (``Pipeline._prepare_streamed_boxes``); readers wait for the boxes they need. ``blended``
+    holds each box after ``blend`` (the crop/blend box), filled in the same list as they come."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, blend: Callable[[Optional[Box]], Optional[Box]]) -> None:
         self.boxes: list[Optional[Box]] = [None] * n
+        self.blended: list[Optional[Box]] = [None] * n
+        self.blend = blend
         self.known = 0
         self.done_at = 0.0  # perf_counter() when every box was known
         self._final: Optional[list[Optional[Box]]] = None
@@ -1183,17 +1209,22 @@ class _BoxFeed:
         self._cond = threading.Condition()
 
     def publish(self, start: int, boxes: list[Optional[Box]]) -> None:
+        blended = [self.blend(b) for b in boxes]
         with self._cond:
             self.boxes[start : start + len(boxes)] = boxes
+            self.blended[start : start + len(boxes)] = blended
             self.known = max(self.known, start + len(boxes))
             self._cond.notify_all()
 
     def finish(self, boxes: list[Optional[Box]]) -> None:
+        n = len(self.boxes)
+        blended = [self.blend(b) for b in boxes[:n]]
         with self._cond:
             self.done_at = time.perf_counter()
             self._final = boxes
-            self.boxes[:] = boxes[: len(self.boxes)]
-            self.known = len(self.boxes)
+            self.boxes[:] = boxes[:n]
+            self.blended[:] = blended
+            self.known = n
             self._cond.notify_all()
 
     def fail(self, error: BaseException) -> None:

@@ -475,7 +475,8 @@ def write_random_checkpoint(path: Path | str, *, size: str = "tiny", seed: int =
 class _official_matmul_precision:
     """On CUDA, run with PyTorch's default matmul precision (no TF32), as official mmpose did;
     cuDNN convolutions keep PyTorch's default (TF32 allowed), also as official. Restores the
-    process-wide flag afterwards (the engine enables TF32 for the MuseTalk models)."""
+    process-wide flag afterwards (the engine turns matmul TF32 on only for fp32 MuseTalk models; with
+    it off, as for fp16/bf16, this context changes nothing)."""
 
     def __init__(self, device: torch.device) -> None:
         self.active = device.type == "cuda"
