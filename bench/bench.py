@@ -402,20 +402,16 @@ def prepare_masks_serial(
     stop: Any = None,
     frames_ready: Optional[Callable[[int], None]] = None,
     pad: bool = False,
-    boxes_ready: Optional[Callable[[int], None]] = None,
 ) -> list[Any]:
     """``blending.prepare_masks`` before its chunks were pipelined (commit b055a13): each chunk's
     parser inputs, parse and mask finishing one after the other. For the before/after run only
-    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``; with
-    ``boxes_ready`` it waits for every box first."""
+    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
     from musetalk_job.blending import _finish_mask, _masks_to_make, _module_dtype, _parse, _parser_input, upload_masks
 
-    if boxes_ready is not None:
-        boxes_ready(len(boxes))
     todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
     dtype = _module_dtype(bisenet)
@@ -826,7 +822,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         save()
     if args.dwpose_w1 and not args.only_cold_warm:
         # W1 detecting its faces with DWPose (the default landmarks; the network's real work,
-        # the boxes file's boxes), at the fast preset, in three variants (below) in rotated rounds.
+        # the boxes file's boxes), at the fast preset, in two variants (below) in alternating rounds.
         from musetalk_job.landmarks.dwpose import DWPoseDetector
 
         det = pipe.detector("dwpose")
@@ -834,18 +830,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         fast = {"preset": args.fast_preset} if args.fast_preset else {}
         sfx = f"_preset_{args.fast_preset}" if args.fast_preset else ""
 
-        # after: padded batches, analysed as the frames decode, faces encoded as their boxes come;
-        # pieces: the same without encoding faces before every box is known; before: unpadded
-        # batches once every frame has decoded, then the faces.
-        variants = {"after": (None, True, True), "pieces": (None, True, False), "before": (False, False, False)}
+        # after: padded batches, analysed a batch at a time as the frames decode; before: unpadded
+        # batches once every frame has decoded.
+        variants = {"after": (None, True), "before": (False, False)}
 
         def dw_run(key: str, label: str, variant: str) -> None:
-            saved = det.pad_batches, det.independent_frames, pipe.stream_boxes
-            det.pad_batches, det.independent_frames, pipe.stream_boxes = variants[variant]
+            saved = det.pad_batches, det.independent_frames
+            det.pad_batches, det.independent_frames = variants[variant]
             try:
                 runs[key + sfx] = w1_run(pipe, video, audio, None, out_dir, label, landmarks="dwpose", **fast)
             finally:
-                det.pad_batches, det.independent_frames, pipe.stream_boxes = saved
+                det.pad_batches, det.independent_frames = saved
             save()
 
         with patched(DWPoseDetector, "detect", dwpose_known_boxes(video, boxes)):
@@ -853,7 +848,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             dw_run("dwpose_before_first_job", "dwb", "before")
             order = list(variants)
             for r in range(args.dwpose_w1):
-                for k, variant in enumerate(order[r % 3:] + order[: r % 3]):
+                for k, variant in enumerate(order[r % 2:] + order[: r % 2]):
                     dw_run(f"warm_dwpose_{variant}_r{r}", f"dw{k}{r}", variant)
         report["dwpose_compare"] = compare_summary(runs, tuple(f"dwpose_{v}" for v in variants), args.dwpose_w1, args.fast_preset)
         save()
@@ -875,12 +870,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         for variant, length in (("after", args.new_length), ("before", args.new_length - 16)):
             cut, cut_boxes = trimmed_video(video, boxes, out_dir, length)
-            saved = det.pad_batches, det.independent_frames, pipe.stream_boxes
+            saved = det.pad_batches, det.independent_frames
             with contextlib.ExitStack() as stack:
                 stack.enter_context(patched(DWPoseDetector, "detect", dwpose_known_boxes(cut, cut_boxes)))
                 if variant == "before":
                     stack.enter_context(engine_function("prepare_masks", unpadded_masks))
-                    det.pad_batches, det.independent_frames, pipe.stream_boxes = False, False, False
+                    det.pad_batches, det.independent_frames = False, False
                 try:
                     for k in ("first", "second"):
                         runs[f"new_length_{variant}_{k}"] = w1_run(pipe, cut, audio, None, out_dir, f"nl{variant}{k}",
@@ -888,7 +883,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                         runs[f"new_length_{variant}_{k}"]["input_frames"] = length
                         save()
                 finally:
-                    det.pad_batches, det.independent_frames, pipe.stream_boxes = saved
+                    det.pad_batches, det.independent_frames = saved
     if args.masks_compare and not args.only_cold_warm:
         # The blend masks made before generating (the previous behaviour) against during it.
         preset_runs("warm_masks_first", "mf", audio, overlap_masks=False)

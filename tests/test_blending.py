@@ -381,30 +381,6 @@ def test_padded_chunks_keep_one_parser_shape_and_the_masks():
             np.testing.assert_array_equal(a.alpha, b.alpha)
 
 
-def test_prepare_masks_forms_its_chunks_as_the_boxes_arrive():
-    frames, boxes = _scene()
-    parser = ColourParser().eval()
-    ref = prepare_masks(frames, boxes, parser, device="cpu", batch_size=2)
-    live: list = [None] * len(boxes)  # filled in only when boxes_ready(k) asks for boxes[:k]
-    asked: list[int] = []
-    published: list[list[int]] = []
-
-    def boxes_ready(k: int) -> None:
-        asked.append(k)
-        live[:k] = boxes[:k]
-
-    got = prepare_masks(frames, live, parser, device="cpu", batch_size=2, boxes_ready=boxes_ready,
-                        on_ready=lambda d: published.append(sorted(d)))
-    assert asked == [1, 2, 3, 4]
-    # frame 2 has no box: reported when met; then the chunks [0, 1] and [3], each once, in order
-    assert published == [[2], [0, 1], [3]]
-    for a, b in zip(ref, got):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.box == b.box
-            np.testing.assert_array_equal(a.alpha, b.alpha)
-
-
 def test_prepare_masks_with_bisenet_architecture():
     bisenet_mod = pytest.importorskip("musetalk_job.models.bisenet")
     torch.manual_seed(0)

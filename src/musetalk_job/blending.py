@@ -356,33 +356,6 @@ def _masks_to_make(
     return todo
 
 
-def _chunks_as_boxes_arrive(
-    frames: np.ndarray, boxes: Sequence[Optional[Sequence[int]]], mode: str,
-    on_ready: Optional[Callable[[dict[int, Optional[BlendMask]]], None]], boxes_ready: Callable[[int], None],
-    size: int,
-) -> Iterator[list[tuple[int, Box]]]:
-    """``_masks_to_make``'s work list in chunks of ``size``, read from boxes still arriving."""
-    if len(boxes) != len(frames):
-        raise ValueError(f"prepare_masks: {len(frames)} frames but {len(boxes)} boxes")
-    if mode not in ("jaw", "raw", "neck"):
-        raise ValueError(f"parsing_mode: unknown value {mode!r}; use jaw, raw or neck")
-    chunk: list[tuple[int, Box]] = []
-    for i in range(len(boxes)):
-        boxes_ready(i + 1)
-        box = boxes[i]
-        b = None if box is None else tuple(int(v) for v in box)
-        if b is None or b[2] - b[0] <= 0 or b[3] - b[1] <= 0 or crop_box(b)[4] <= 0:
-            if on_ready is not None:
-                on_ready({i: None})
-            continue
-        chunk.append((i, b))  # type: ignore[arg-type]
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def prepare_masks(
     frames: np.ndarray,
     boxes: Sequence[Optional[Sequence[int]]],
@@ -398,7 +371,6 @@ def prepare_masks(
     stop: Optional[threading.Event] = None,
     frames_ready: Optional[Callable[[int], None]] = None,
     pad: bool = False,
-    boxes_ready: Optional[Callable[[int], None]] = None,
 ) -> list[Optional[BlendMask]]:
     """The blend mask of every frame (``None`` where the box is ``None`` or empty).
 
@@ -414,22 +386,15 @@ def prepare_masks(
     ``pad``: a short last chunk is filled up with black inputs to ``batch_size``, so that the
     parser always runs at one shape (on CUDA a new shape costs cuDNN set-up in the job, ~0.25 s
     of waiting for masks on an H200, and a frame's mask then does not depend on its chunk).
-    ``boxes_ready(k)``: blocks until ``boxes[:k]`` are final (a live sequence still being filled
-    in by a detector); the chunks are then formed as the boxes arrive, the same chunks as from
-    the final boxes, and frames without a mask are reported to ``on_ready`` as they are met.
     """
+    todo = _masks_to_make(frames, boxes, mode, on_ready)
     device = torch.device(device)
     dtype = _module_dtype(bisenet)
     result: list[Optional[BlendMask]] = [None] * len(boxes)
-    batch_size = max(1, int(batch_size))
-    if boxes_ready is None:
-        todo = _masks_to_make(frames, boxes, mode, on_ready)
-        chunk_iter: Iterator[list[tuple[int, Box]]] = iter([todo[s : s + batch_size] for s in range(0, len(todo), batch_size)])
-    else:
-        chunk_iter = _chunks_as_boxes_arrive(frames, boxes, mode, on_ready, boxes_ready, batch_size)
-    first = next(chunk_iter, None)
-    if first is None:
+    if not todo:
         return result
+    batch_size = max(1, int(batch_size))
+    chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     # A three-stage pipeline over the chunks: while the parser runs on chunk k (device), the pool
     # finishes the masks of chunk k-1 and makes the parser inputs of chunk k+1 (CPU; PIL and
     # OpenCV release the GIL). The same functions on the same data: only the order of work changes.
@@ -453,19 +418,17 @@ def prepare_masks(
         def stopped() -> bool:
             return stop is not None and stop.is_set()
 
-        inputs = parser_inputs(first)
+        inputs = parser_inputs(chunks[0])
         previous: Optional[tuple[list[tuple[int, Box]], list[Any]]] = None
-        chunk: Optional[list[tuple[int, Box]]] = first
-        while chunk is not None:
+        for k, chunk in enumerate(chunks):
             if stopped():
                 return result
             batch = np.stack([future.result() for future in inputs])
             if pad and len(batch) < batch_size:
                 batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)])
-            classes_dev = _parse(bisenet, batch, device, dtype)  # queued; the next chunk may wait for boxes
-            following = next(chunk_iter, None)
-            if following is not None:
-                inputs = parser_inputs(following)
+            if k + 1 < len(chunks):
+                inputs = parser_inputs(chunks[k + 1])
+            classes_dev = _parse(bisenet, batch, device, dtype)
             if previous is not None:  # finished on the pool while the device parsed this chunk
                 publish(*previous)
                 if stopped():
@@ -473,7 +436,6 @@ def prepare_masks(
             classes = classes_dev.cpu().numpy()
             previous = (chunk, [pool.submit(_finish_mask, classes[j], box, mode, left_cheek_width, right_cheek_width)
                                 for j, (_, box) in enumerate(chunk)])
-            chunk = following
         if previous is not None and not stopped():
             publish(*previous)
     # Masks are reused for many output frames: put them on the device now, in one copy.

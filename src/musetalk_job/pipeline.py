@@ -209,9 +209,6 @@ class Pipeline:
         # The input frames are cropped, encoded and parsed while they decode (_decode; False:
         # decode them all first, the benchmarks' before/after).
         self.stream_decode = True
-        # With a detector that analyses each frame on its own (DWPose), the faces are cropped and
-        # encoded while later frames are still being analysed (_BoxFeed; False: all boxes first).
-        self.stream_boxes = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -257,11 +254,10 @@ class Pipeline:
             # Off: on an H200 cuDNN's heuristics matched the autotuned algorithms (UNet, VAE encode
             # and decode within 1-4 %, bench/README.md) while autotuning added ~5 s to the first job.
             torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
-            # TF32 only changes fp32 matmuls, so it is left at PyTorch's default (off) for fp16/bf16
-            # models. DWPose runs its fp32 matmuls with it off, as official; were it on, DWPose
-            # would switch this process-wide flag off and on around its forward pass, and any
-            # compiled code running meanwhile on another thread would fail dynamo's guard on
-            # it and run eagerly (the landmarks thread of prepare_video, H200 run 45).
+            # TF32 changes only fp32 matmuls, so it stays at PyTorch's default (off) for fp16/bf16
+            # models. Then DWPose, which runs its fp32 matmuls with it off as official, does not flip
+            # this process-wide flag around each forward pass: compiled code guards on it (dynamo's
+            # global-state guard) and runs eagerly while it differs from its compile-time value.
             torch.backends.cuda.matmul.allow_tf32 = dt == torch.float32
             torch.backends.cudnn.allow_tf32 = True
         models = MuseTalkModels.load(Path(models_dir), version=version, device=dev, dtype=dt)
@@ -429,11 +425,8 @@ class Pipeline:
         progress: Optional[ProgressFn],
         fps: float,
         ready: Optional[Callable[[int], None]] = None,
-        on_piece: Optional[Callable[[int, list[Optional[Box]]], None]] = None,
     ) -> list[Optional[Box]]:
-        """Face boxes (before extra_margin) for every input frame; frames past ``n_analyse`` → None.
-        ``on_piece(start, boxes)``: the final boxes of a run of frames as the detector finds them
-        (only without ``smooth_boxes``, which needs them all)."""
+        """Face boxes (before extra_margin) for every input frame; frames past ``n_analyse`` → None."""
         from .landmarks import boxes as boxmod
 
         n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
@@ -452,8 +445,6 @@ class Pipeline:
                     bbox_shift=bbox_shift,
                     progress=progress,
                     ready=ready,  # DWPose works through the frames as they decode
-                    on_piece=None if on_piece is None or options.smooth_boxes
-                    else lambda a, part: on_piece(a, [_clip_box(b, w, h) for b in part]),
                 )
             )
             raw += [None] * (n - len(raw))
@@ -471,14 +462,6 @@ class Pipeline:
         from .blending import apply_extra_margin
 
         return [None if b is None else tuple(int(v) for v in apply_extra_margin(b, options.extra_margin, height)) for b in boxes]
-
-    def _streams_boxes(self, options: EngineOptions) -> bool:
-        """Whether prepare_video crops and encodes faces while the detector analyses later frames."""
-        if not self.stream_boxes or options.boxes_file is not None or options.smooth_boxes:
-            return False
-        if self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-            return False  # DWPose would flip the flag while compiled code runs (see from_models_dir)
-        return bool(getattr(self.detector(options.landmarks), "independent_frames", False))
 
     @torch.inference_mode()
     def prepare_video(
@@ -506,19 +489,24 @@ class Pipeline:
         n = int(frames.shape[0])
         n_used = n if n_used is None else max(1, min(n_used, n))
         n_analyse = n if options.save_boxes is not None else n_used
-        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
-        mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
-        masks = MaskStream(n_used)
-        if self._streams_boxes(options):
-            return self._prepare_streamed_boxes(frames, fps, options, n_used, n_analyse, batch, mode, masks,
-                                                progress, cancel, source, st, ready)
         with st.stage("landmarks"):
             boxes = self._boxes(frames, n_analyse, options, progress, fps, ready)
-        self._check_faces(boxes, n_used, options, source)
+        if not any(b is not None for b in boxes[:n_used]):
+            hint = "try landmarks=cascade or a boxes file" if options.boxes_file is None else "check the boxes file"
+            raise InputMediaError(
+                f"no face found in any frame of {source} (frames 0..{n_used - 1} checked); "
+                f"use a video with a clearly visible frontal face, or {hint}"
+            )
         _check_cancel(cancel)
 
         used_boxes = self._blend_boxes(boxes[:n_used], frames.shape[1], options)
         face_idx = [j for j, b in enumerate(used_boxes) if b is not None]
+        face_rows = np.full(n_used, -1, dtype=np.int64)
+        face_rows[face_idx] = np.arange(len(face_idx))
+        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
+        mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
+
+        masks = MaskStream(n_used)
         self._start_masks(masks, frames[:n_used], used_boxes, mode, options, batch, ready)
         try:
             # The blend masks (BiSeNet on a side stream, then CPU crops, resizes, morphology) are
@@ -541,14 +529,6 @@ class Pipeline:
         except BaseException:
             masks.close()
             raise
-        return self._prepared(frames, fps, boxes, n_used, face_idx, latents, masks, st)
-
-    def _prepared(
-        self, frames: np.ndarray, fps: float, boxes: list[Optional[Box]], n_used: int, face_idx: list[int],
-        latents: torch.Tensor, masks: Any, st: _Stages,
-    ) -> PreparedVideo:
-        face_rows = np.full(n_used, -1, dtype=np.int64)
-        face_rows[face_idx] = np.arange(len(face_idx))
         return PreparedVideo(
             frames=frames,
             fps=fps,
@@ -561,77 +541,6 @@ class Pipeline:
             stage_seconds=dict(st.seconds),
         )
 
-    @staticmethod
-    def _check_faces(boxes: Sequence[Optional[Box]], n_used: int, options: EngineOptions, source: str) -> None:
-        if not any(b is not None for b in boxes[:n_used]):
-            hint = "try landmarks=cascade or a boxes file" if options.boxes_file is None else "check the boxes file"
-            raise InputMediaError(
-                f"no face found in any frame of {source} (frames 0..{n_used - 1} checked); "
-                f"use a video with a clearly visible frontal face, or {hint}"
-            )
-
-    def _prepare_streamed_boxes(
-        self, frames: np.ndarray, fps: float, options: EngineOptions, n_used: int, n_analyse: int, batch: int,
-        mode: str, masks: MaskStream, progress: Optional[ProgressFn], cancel: Optional[threading.Event],
-        source: str, st: _Stages, ready: Optional[Callable[[int], None]],
-    ) -> PreparedVideo:
-        """``prepare_video`` with the landmarks on a thread ("landmarks"): the faces are cropped
-        and encoded a batch at a time as their boxes arrive (``_BoxFeed``), and the blend masks
-        are made from the boxes as they arrive too. The same boxes, latents and masks as all boxes
-        first. Stages: ``landmarks`` until the last box, ``latents`` what the encode takes after it."""
-        height = frames.shape[1]
-        feed = _BoxFeed(n_analyse, lambda b: self._blend_boxes([b], height, options)[0])
-
-        def detect() -> None:
-            try:
-                feed.finish(self._boxes(frames, n_analyse, options, progress, fps, ready, on_piece=feed.publish))
-            except BaseException as exc:  # handed to the encode loop, the masks and result()
-                feed.fail(exc)
-
-        def face_batches(size: int) -> Iterator[tuple[list[int], list[Box]]]:
-            rows: list[int] = []
-            found: list[Box] = []
-            for i in range(n_used):
-                feed.wait(i + 1)
-                box = feed.blended[i]
-                if box is not None:
-                    rows.append(i)
-                    found.append(box)
-                    if len(rows) == size:
-                        yield rows, found
-                        rows, found = [], []
-            if rows:
-                yield rows, found
-
-        start = time.perf_counter()
-        landmarks = threading.Thread(target=detect, name="landmarks", daemon=True)
-        landmarks.start()
-        self._start_masks(masks, frames[:n_used], _Prefix(feed.blended, n_used), mode, options, batch, ready, boxes_ready=feed.wait)
-        try:
-            self._ensure_compiled(batch, encoder=True)
-            latents = self._with_oom_retry(
-                lambda b: self._encode_batches(frames, face_batches(b), b, ready), self._encode_batch(batch), "VAE encode"
-            )
-            boxes = feed.result()
-            st.sync()
-            end = time.perf_counter()
-            st.add("landmarks", feed.done_at - start)
-            st.add("latents", max(0.0, end - feed.done_at))
-            self._check_faces(boxes, n_used, options, source)
-            face_idx = [j for j, b in enumerate(self._blend_boxes(boxes[:n_used], height, options)) if b is not None]
-            if progress is not None:
-                progress("latents", len(face_idx), len(face_idx))
-            _check_cancel(cancel)
-            if not self.overlap_masks:
-                with st.stage("blend"):
-                    masks.wait_all()
-        except BaseException:
-            masks.close()
-            landmarks.join()
-            raise
-        landmarks.join()
-        return self._prepared(frames, fps, boxes, n_used, face_idx, latents, masks, st)
-
     def _start_masks(
         self,
         masks: MaskStream,
@@ -641,10 +550,8 @@ class Pipeline:
         options: EngineOptions,
         batch: int,
         ready: Optional[Callable[[int], None]] = None,
-        boxes_ready: Optional[Callable[[int], None]] = None,
     ) -> None:
-        """Make the blend masks in a background thread, publishing each chunk into ``masks``.
-        ``boxes_ready(k)``: blocks until ``boxes[:k]`` are final (boxes still being found)."""
+        """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
         from .blending import prepare_masks
 
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -656,7 +563,7 @@ class Pipeline:
                         frames, boxes, self.models.bisenet, mode=mode,
                         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
                         device=self.device, batch_size=self._chunk(batch), on_ready=masks.publish, stop=masks.stop,
-                        frames_ready=ready, pad=self.pad_batches, boxes_ready=boxes_ready,
+                        frames_ready=ready, pad=self.pad_batches,
                     )
                 if not masks.done and not masks.stop.is_set():
                     raise EngineRuntimeError("blend masks: the mask thread ended without making every mask")
@@ -674,39 +581,30 @@ class Pipeline:
     def _encode_crops(
         self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int, ready: Optional[Callable[[int], None]] = None
     ) -> torch.Tensor:
-        """Crop (CPU, LANCZOS4) and VAE-encode the faces ``frames[rows]`` in chunks of ``batch``."""
-        chunks = ((rows[a : a + batch], boxes[a : a + batch]) for a in range(0, len(rows), batch))
-        return self._encode_batches(frames, chunks, batch, ready)
+        """Crop (CPU, LANCZOS4) and VAE-encode the faces ``frames[rows]`` in chunks of ``batch``:
+        the next chunk is cropped on a thread while the device encodes this one."""
+        n = len(rows)
+        out: Optional[torch.Tensor] = None
 
-    def _encode_batches(
-        self, frames: np.ndarray, chunks: Iterator[tuple[list[int], list[Box]]], batch: int,
-        ready: Optional[Callable[[int], None]] = None,
-    ) -> torch.Tensor:
-        """VAE latents of the faces in ``chunks`` (ascending rows, at most ``batch`` each), in order:
-        the next chunk is taken and cropped on a thread while the device encodes this one."""
-        parts: list[torch.Tensor] = []
-
-        def crop_next() -> Optional[torch.Tensor]:
-            chunk = next(chunks, None)
-            if chunk is None:
-                return None
-            rows, boxes = chunk
+        def crop(a: int) -> torch.Tensor:
             if ready is not None:
-                ready(rows[-1] + 1)  # rows ascend
-            t = torch.from_numpy(crop_faces([frames[j] for j in rows], boxes))
+                ready(rows[min(a + batch, n) - 1] + 1)  # rows ascend
+            t = torch.from_numpy(crop_faces([frames[j] for j in rows[a : a + batch]], boxes[a : a + batch]))
             return t.pin_memory() if self.device.type == "cuda" else t
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="crop-ahead") as pool:
-            nxt = pool.submit(crop_next)
-            while (crops := nxt.result()) is not None:
-                nxt = pool.submit(crop_next)
-                parts.append(encode_faces(self.models.vae, crops, batch, pad=self.pad_batches, encode=self.encode_step))
-        if len(parts) == 1:
-            return parts[0]
-        if parts:
-            return torch.cat(parts)
-        p = next(self.models.vae.parameters())
-        return torch.empty((0, 8, 32, 32), dtype=p.dtype, device=p.device)
+            nxt = pool.submit(crop, 0) if n else None
+            for a in range(0, n, batch):
+                crops = nxt.result()
+                nxt = pool.submit(crop, a + batch) if a + batch < n else None
+                lat = encode_faces(self.models.vae, crops, batch, pad=self.pad_batches, encode=self.encode_step)
+                if out is None:
+                    out = torch.empty((n, *lat.shape[1:]), dtype=lat.dtype, device=lat.device)
+                out[a : a + lat.shape[0]] = lat
+        if out is None:
+            p = next(self.models.vae.parameters())
+            out = torch.empty((0, 8, 32, 32), dtype=p.dtype, device=p.device)
+        return out
 
     def _with_oom_retry(self, fn: Any, batch: int, what: str) -> Any:
         while True:
@@ -1174,79 +1072,6 @@ class _FrameFeed:
 
 class _HeaderBroken(Exception):
     """Frames rendered while decoding turned out not to be the file's (``FrameStream.predicted``)."""
-
-
-class _Prefix(Sequence[Any]):
-    """The first ``n`` items of a list that is still being filled in (a live view, not a copy)."""
-
-    def __init__(self, items: list[Any], n: int) -> None:
-        self.items, self.n = items, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return self.items[: self.n][i]
-        if not -self.n <= i < self.n:
-            raise IndexError(i)
-        return self.items[i % self.n]
-
-
-class _BoxFeed:
-    """Face boxes published a run of frames at a time by the landmarks thread
-    (``Pipeline._prepare_streamed_boxes``); readers wait for the boxes they need. ``blended``
-    holds each box after ``blend`` (the crop/blend box), filled in the same list as they come."""
-
-    def __init__(self, n: int, blend: Callable[[Optional[Box]], Optional[Box]]) -> None:
-        self.boxes: list[Optional[Box]] = [None] * n
-        self.blended: list[Optional[Box]] = [None] * n
-        self.blend = blend
-        self.known = 0
-        self.done_at = 0.0  # perf_counter() when every box was known
-        self._final: Optional[list[Optional[Box]]] = None
-        self._error: Optional[BaseException] = None
-        self._cond = threading.Condition()
-
-    def publish(self, start: int, boxes: list[Optional[Box]]) -> None:
-        blended = [self.blend(b) for b in boxes]
-        with self._cond:
-            self.boxes[start : start + len(boxes)] = boxes
-            self.blended[start : start + len(boxes)] = blended
-            self.known = max(self.known, start + len(boxes))
-            self._cond.notify_all()
-
-    def finish(self, boxes: list[Optional[Box]]) -> None:
-        n = len(self.boxes)
-        blended = [self.blend(b) for b in boxes[:n]]
-        with self._cond:
-            self.done_at = time.perf_counter()
-            self._final = boxes
-            self.boxes[:] = boxes[:n]
-            self.blended[:] = blended
-            self.known = n
-            self._cond.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        with self._cond:
-            self._error = error
-            self._cond.notify_all()
-
-    def wait(self, k: int) -> None:
-        """Block until the boxes of frames ``[0, k)`` are known; raise the detector's error."""
-        with self._cond:
-            while self.known < k and self._final is None and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
-
-    def result(self) -> list[Optional[Box]]:
-        with self._cond:
-            while self._final is None and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
-            return self._final
 
 
 def _bucket(n: int, batch: int) -> int:

@@ -13,8 +13,7 @@ Contract:
   analysed). ``ready(k)``, when given, blocks until ``frames[:k]`` hold their pixels (a video
   still decoding): a detector whose frames are analysed independently
   (``independent_frames``, DWPose) then works through the frames a batch at a time as they
-  arrive, with the same result; any other waits for all of them. ``on_piece(start, boxes)``
-  hears of each piece's boxes as soon as they are known.
+  arrive, with the same result; any other waits for all of them.
 * Boxes are ``(x1, y1, x2, y2)`` Python ints before ``extra_margin``; ``None`` = no face, and the
   engine passes such frames through unchanged.
 
@@ -85,10 +84,8 @@ def detect_boxes(
     batch_size: Optional[int] = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
     ready: Optional[Callable[[int], None]] = None,
-    on_piece: Optional[Callable[[int, "list[Optional[Box]]"], None]] = None,
 ) -> "list[Optional[Box]]":
-    """One face box (or None) per frame of ``frames`` [N,H,W,3] RGB uint8. ``on_piece(start,
-    boxes)`` is called as the boxes of ``frames[start:start + len(boxes)]`` become known."""
+    """One face box (or None) per frame of ``frames`` [N,H,W,3] RGB uint8."""
     import numpy as np
 
     arr = np.asarray(frames)
@@ -126,8 +123,6 @@ def detect_boxes(
             if j + 1 < len(keep) and keep[j + 1] == i:
                 j += 1
             out.append(found[j] if j >= 0 else out[-1])
-        if on_piece is not None:
-            on_piece(a, out[a:b])
     return out
 
 
