@@ -85,6 +85,23 @@ def test_bench_smoke_times_each_model_and_the_landmarks(report: dict) -> None:
     assert report["landmarks"]["cascade"]["batch_4"]["faces"] > 0
 
 
+def test_dwpose_probe_times_the_detector_per_batch_size(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
+    out = tmp_path / "dwpose.json"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "probes" / "dwpose_probe.py"), "--device", "cpu", "--size", "tiny",
+        "--media", str(bench_dirs["media"]), "--frames", "6", "--batches", "2", "4", "--variant-batch", "4",
+        "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["frames"] == 6 and d["warp_ms_per_frame"] > 0
+    for bs in (2, 4):  # a first and a second pass over the frames, and one forward pass alone
+        det = d["detector"][f"batch_{bs}"]
+        assert len(det["fps"]) == 2 and all(v > 0 for v in det["fps"])
+        assert d["forward"][f"batch_{bs}"]["forward_ms"] > 0 and d["forward"][f"batch_{bs}"]["network_ms"] > 0
+
+
 def test_cpu_profile_probe_accounts_cpu_per_thread(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
     out = tmp_path / "cpu.json"
     cmd = [
