@@ -852,6 +852,43 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     dw_run(f"warm_dwpose_{variant}_r{r}", f"dw{k}{r}", variant)
         report["dwpose_compare"] = compare_summary(runs, tuple(f"dwpose_{v}" for v in variants), args.dwpose_w1, args.fast_preset)
         save()
+    if args.decode_threads and not args.only_cold_warm:
+        # The video decode's YUV->RGB conversion on --decode-threads threads against the default
+        # pool (media._DECODE_POOL): read_frames alone, then W1 with DWPose (whose landmarks wait
+        # for the decode) in alternating rounds.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from musetalk_job import media
+        from musetalk_job.landmarks.dwpose import DWPoseDetector
+
+        wide = ThreadPoolExecutor(max_workers=args.decode_threads, thread_name_prefix="yuv2rgb-wide")
+        name = f"decode_threads_{args.decode_threads}"
+        alone: dict[str, list[float]] = {"decode_default": [], name: []}
+        for r in range(3):
+            for variant in (("decode_default", name) if r % 2 == 0 else (name, "decode_default")):
+                with contextlib.ExitStack() as stack:
+                    if variant == name:
+                        stack.enter_context(patched(media, "_DECODE_POOL", lambda: wide))
+                    t = time.perf_counter()
+                    read_frames(video)
+                    alone[variant].append(round(time.perf_counter() - t, 3))
+        report["decode_threads"] = {"read_frames_s": alone, "default_threads": media._DECODE_POOL()._max_workers}
+        det = pipe.detector("dwpose")
+        det.warmup()
+        fast = {"preset": args.fast_preset} if args.fast_preset else {}
+        sfx = f"_preset_{args.fast_preset}" if args.fast_preset else ""
+        with patched(DWPoseDetector, "detect", dwpose_known_boxes(video, boxes)):
+            for r in range(2):
+                for variant in (("decode_default", name) if r % 2 == 0 else (name, "decode_default")):
+                    with contextlib.ExitStack() as stack:
+                        if variant == name:
+                            stack.enter_context(patched(media, "_DECODE_POOL", lambda: wide))
+                        runs[f"warm_{variant}_r{r}{sfx}"] = w1_run(pipe, video, audio, None, out_dir, f"{variant}{r}",
+                                                                   landmarks="dwpose", **fast)
+                    save()
+        report["decode_threads_compare"] = compare_summary(runs, ("decode_default", name), 2, args.fast_preset)
+        wide.shutdown()
+        save()
     if args.new_length and not args.only_cold_warm:
         # Jobs on a video of a length no job in this process had, as most jobs of a worker are:
         # the first job at that length against the second at it, detecting faces with DWPose
@@ -1035,6 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds of W1 detecting faces with DWPose, padded and while decoding against before (0: skip)")
     p.add_argument("--new-length", type=int, default=233,
                    help="W1 twice on the video cut to this many frames, and (before) to 16 fewer: first jobs at a new length (0: skip)")
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="also decode with this many YUV->RGB threads against the default: read_frames and W1 with DWPose (0: skip)")
     p.add_argument("--masks-compare", type=int, default=1, help="also W1 warm with the blend masks made before generating (1/0)")
     p.add_argument("--cache-presets", default="", help="comma list of x264 presets for the avatar-cache pairs ('' = the default)")
     p.add_argument("--skip-ceilings", action="store_true")

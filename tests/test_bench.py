@@ -40,7 +40,7 @@ def report(bench_dirs: dict[str, Path]) -> dict:
         "--media", str(d["media"]), "--models", str(d["models"]), "--work", str(d["work"]), "--out", str(d["out"]),
         "--avatar-cache", "0", "--masks-compare", "0", "--baseline", "0", "--memory-batches", "--encoder-micro", "0",
         "--cudnn-compare", "0", "--channels-last", "0", "--fast-preset", "", "--landmark-batches", "4",
-        "--skip-ceilings", "--commit", "test-commit",
+        "--skip-ceilings", "--commit", "test-commit", "--decode-threads", "2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -71,6 +71,9 @@ def test_bench_smoke_reports_w1_runs_that_match_their_output(report: dict) -> No
     assert first["stage_seconds"]["landmarks"] > 0 and first["options"]["landmarks"] == "dwpose"
     assert first["output_sha256"] == report["w1"]["warm_dwpose_after_r0"]["output_sha256"]
     assert first["frames_with_face"] == report["w1"]["warm"]["frames_with_face"]
+    # The decode on another number of conversion threads: the same frames, so the same bytes.
+    assert report["decode_threads_compare"]["default_preset"]["same_output"]
+    assert all(len(v) == 3 for v in report["decode_threads"]["read_frames_s"].values())
     for variant in ("after", "before"):
         pair = [report["w1"][f"new_length_{variant}_{k}"] for k in ("first", "second")]
         assert pair[0]["frames"] == pair[1]["frames"] == 25 and pair[0]["output_sha256"] == pair[1]["output_sha256"]
