@@ -101,7 +101,9 @@ FORMAT = "musetalk-job/avatar"
 FORMAT_VERSION = 1
 # Bump when the pipeline's preprocessing changes its results (crop, detector post-processing,
 # mask morphology, latent encoding): every existing entry then misses and is rebuilt.
-PREPROCESS_REVISION = 1
+# 2: on CUDA, DWPose and BiSeNet run a short last batch padded to the full shape (a frame there
+# may get a keypoint a bin away or a parsing class on a pixel changed against revision 1).
+PREPROCESS_REVISION = 2
 DEFAULT_MAX_BYTES = 10 * 2**30
 STALE_TMP_SECONDS = 600.0
 META = "meta.json"
