@@ -863,12 +863,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         wide = ThreadPoolExecutor(max_workers=args.decode_threads, thread_name_prefix="yuv2rgb-wide")
         name = f"decode_threads_{args.decode_threads}"
+
+        def decode_pool(variant: str) -> Any:
+            return patched(media, "_DECODE_POOL", lambda: wide) if variant == name else contextlib.nullcontext()
+
+        def alternating(r: int) -> tuple[str, str]:
+            return ("decode_default", name) if r % 2 == 0 else (name, "decode_default")
+
         alone: dict[str, list[float]] = {"decode_default": [], name: []}
         for r in range(3):
-            for variant in (("decode_default", name) if r % 2 == 0 else (name, "decode_default")):
-                with contextlib.ExitStack() as stack:
-                    if variant == name:
-                        stack.enter_context(patched(media, "_DECODE_POOL", lambda: wide))
+            for variant in alternating(r):
+                with decode_pool(variant):
                     t = time.perf_counter()
                     read_frames(video)
                     alone[variant].append(round(time.perf_counter() - t, 3))
@@ -879,10 +884,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         sfx = f"_preset_{args.fast_preset}" if args.fast_preset else ""
         with patched(DWPoseDetector, "detect", dwpose_known_boxes(video, boxes)):
             for r in range(2):
-                for variant in (("decode_default", name) if r % 2 == 0 else (name, "decode_default")):
-                    with contextlib.ExitStack() as stack:
-                        if variant == name:
-                            stack.enter_context(patched(media, "_DECODE_POOL", lambda: wide))
+                for variant in alternating(r):
+                    with decode_pool(variant):
                         runs[f"warm_{variant}_r{r}{sfx}"] = w1_run(pipe, video, audio, None, out_dir, f"{variant}{r}",
                                                                    landmarks="dwpose", **fast)
                     save()

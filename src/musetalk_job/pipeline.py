@@ -843,9 +843,8 @@ class Pipeline:
                 prep, remember, num_out, decoding = self._prepare_streamed(
                     video, audio, frames, fps, samples, num_out, stream, options, progress, cancel, st
                 )
-                frames, fps = prep.frames, prep.fps
                 try:
-                    result = self._render(prep, samples, fps, num_out, frames, video, audio, output, options, progress, cancel, st, decoding)
+                    result = self._render(prep, samples, num_out, video, audio, output, options, progress, cancel, st, decoding)
                 finally:
                     if isinstance(prep.masks, MaskStream):
                         prep.masks.close()  # stops the mask thread if the job ended before it did
@@ -860,9 +859,7 @@ class Pipeline:
         self,
         prep: PreparedVideo,
         samples: np.ndarray,
-        fps: float,
         num_out: int,
-        frames: np.ndarray,
         video: Path,
         audio: Path,
         output: Path,
@@ -873,8 +870,10 @@ class Pipeline:
         decoding: Optional[Any] = None,
     ) -> Result:
         """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``.
-        ``decoding``: the ``media.FrameStream`` still filling ``frames`` (see ``_prepare_streamed``)."""
+        ``decoding``: the ``media.FrameStream`` still filling ``prep.frames`` (see ``_prepare_streamed``)."""
         from .media import VideoWriter
+
+        frames, fps = prep.frames, prep.fps
 
         with torch.inference_mode():
             _check_cancel(cancel)
