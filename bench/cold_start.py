@@ -22,8 +22,10 @@ The JSON says which. Prints one JSON object on stdout; progress goes to stderr.
 
 Per run, ``load_breakdown`` / ``load_timeline`` are ``MuseTalkModels.load``'s own step times
 (docs/engine-models.md, "Cold start"). ``--loaders parallel,serial`` also runs the plain serial
-loader (``MUSETALK_LOAD_PARALLEL=0``) and reports it under ``loaders.serial``; the top-level
-``original``/``fast`` keys are always the first loader's. ``--early-prefetch`` starts
+loader (``MUSETALK_LOAD_PARALLEL=0``) and reports it under ``loaders.serial``; ``prefetch`` is the
+parallel loader after ``fastio.prefetch_for`` (what ``musetalk-job run``/``serve`` do before
+importing torch), reported under ``loaders.prefetch``; the top-level ``original``/``fast`` keys are
+always the first loader's. ``--early-prefetch`` starts
 ``fastio.prefetch`` in the child before ``import torch`` (what an entry point can do).
 ``--load-dtype fp16`` runs in fp16 (so the fp16 fast copies are used on a CPU too).
 ``--read-throughput`` adds the raw read speed of the weight files, one thread sequentially and
@@ -137,10 +139,11 @@ def _child(args: argparse.Namespace) -> None:
     counters0 = fastio.thread_counters()
     prefetched: list[str] = []
     if args.early_prefetch:
-        on_cuda = args.device.startswith("cuda") if args.device else os.path.exists("/dev/nvidiactl")
-        dtype = args.load_dtype or ("fp16" if on_cuda else None)
-        dtype = None if dtype == "fp32" else dtype
-        prefetched = [str(p) for p in fastio.prefetch(args.models_dir, args.version, dtype)]
+        if args.load_dtype == "bf16":
+            prefetched = [str(p) for p in fastio.prefetch(args.models_dir, args.version, "bf16")]
+        else:  # what the run/serve entry points do (EngineCache.prefetch)
+            fp16 = None if args.load_dtype is None else args.load_dtype == "fp16"
+            prefetched = [str(p) for p in fastio.prefetch_for(args.models_dir, args.version, args.device, fp16)]
     import torch
 
     from musetalk_job.pipeline import Pipeline
@@ -208,7 +211,7 @@ def _run_child(models_dir: Path, args: argparse.Namespace, loader: str = "parall
         argv += ["--device", args.device]
     if args.load_dtype:
         argv += ["--load-dtype", args.load_dtype]
-    if args.early_prefetch:
+    if args.early_prefetch or loader == "prefetch":
         argv += ["--early-prefetch"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")])),
            "MUSETALK_LOAD_PARALLEL": "0" if loader == "serial" else "1"}
@@ -326,7 +329,9 @@ def main() -> int:
     p.add_argument("--write-random", choices=("tiny", "full"), default=None,
                    help="write random weights of this size into an empty --models-dir first")
     p.add_argument("--loaders", default="parallel",
-                   help="comma-separated loaders to time: parallel (default), serial (MUSETALK_LOAD_PARALLEL=0)")
+                   help="comma-separated loaders to time: parallel (default), serial (MUSETALK_LOAD_PARALLEL=0), "
+                        "prefetch (parallel, the child first calling fastio.prefetch_for as the run/serve entry "
+                        "points do, before importing torch)")
     p.add_argument("--load-dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="dtype of the run (default: fp16 on CUDA, fp32 on CPU; fp16 uses the fast copies on CPU)")
     p.add_argument("--early-prefetch", action="store_true",
@@ -394,8 +399,8 @@ def main() -> int:
     }
 
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
-    if not loaders or any(x not in ("parallel", "serial") for x in loaders):
-        raise SystemExit(f"cold_start: --loaders takes parallel and/or serial, got {args.loaders!r}")
+    if not loaders or any(x not in ("parallel", "serial", "prefetch") for x in loaders):
+        raise SystemExit(f"cold_start: --loaders takes parallel, serial and/or prefetch, got {args.loaders!r}")
     result["loaders_timed"] = loaders
     result["warm_manifest_mode"] = args.warm_manifest
     result["early_prefetch"] = args.early_prefetch

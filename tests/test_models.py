@@ -705,6 +705,7 @@ def test_prefetch_is_taken_over_by_the_load(models_copy: Path, v15: MuseTalkMode
     bise = models_copy / layout.BISENET
     os.utime(bise, ns=(time.time_ns() + 10**9,) * 2)
     assert fastio.take(bise) is None
+    fastio.release_prefetched()
 
 
 def test_warm_manifest_records_and_replays(tmp_path: Path, tiny_models_dir: Path, monkeypatch) -> None:
@@ -916,3 +917,54 @@ def test_package_map_cache_is_off_with_the_warm_manifest(monkeypatch) -> None:
     monkeypatch.setenv("MUSETALK_PACKAGE_MAP", "0")
     assert not fastio.cache_package_map()
     assert md.packages_distributions is original
+
+
+@pytest.mark.parametrize(
+    ("device", "fp16", "expected"),
+    [("cpu", None, None), ("cuda", None, "fp16"), ("cuda:1", None, "fp16"), ("cuda", False, None), ("cpu", True, "fp16")],
+)
+def test_load_dtype_follows_the_pipelines_default(device: str, fp16, expected) -> None:
+    from musetalk_job.models import fastio
+
+    assert fastio.load_dtype(device, fp16) == expected
+    auto = "fp16" if os.path.exists("/dev/nvidiactl") else None  # auto: CUDA when the driver is there
+    assert fastio.load_dtype(None, None) == fastio.load_dtype("auto", None) == auto
+
+
+def test_prefetch_for_is_advisory_and_can_be_turned_off(models_copy: Path, tmp_path: Path, monkeypatch) -> None:
+    from musetalk_job.models import fastio
+
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
+    fastio.release_prefetched()  # what earlier tests left in flight
+    assert fastio.prefetch_for(tmp_path / "missing", "v15", "cpu", None) == []
+    monkeypatch.setenv("MUSETALK_PREFETCH", "0")
+    assert fastio.prefetch_for(models_copy, "v15", "cpu", None) == []
+    monkeypatch.delenv("MUSETALK_PREFETCH")
+    started = fastio.prefetch_for(models_copy, "v15", "cpu", None)
+    assert started == fastio.planned_files(models_copy, "v15", None)
+    assert fastio.release_prefetched() == len(started)  # forgotten: no load takes them now
+    assert all(fastio.take(p) is None for p in started)
+    assert fastio.release_prefetched() == 0
+
+
+def test_a_cancelled_read_skips_its_chunks_and_reports_it(tmp_path: Path) -> None:
+    import threading
+
+    from musetalk_job.models import fastio
+
+    path = tmp_path / "blob.safetensors"
+    path.write_bytes(os.urandom(4 << 20))
+    reader = fastio.Reader(workers=1, chunk_bytes=1 << 20)
+    gate = threading.Event()
+    reader._pool.submit(gate.wait, 30)  # the one worker is busy: the file's 4 chunks wait in the queue
+    handle = reader.read(path)
+    handle.cancel()
+    gate.set()
+    with pytest.raises(OSError, match="cancelled"):
+        handle.result(30)
+    assert handle.fd is None  # the file was closed once the skipped chunks were counted
+    done = reader.read(path)
+    assert bytes(done.result(30)) == path.read_bytes()
+    done.cancel()  # after the read finished: nothing changes
+    assert bytes(done.result(30)) == path.read_bytes()
+    reader.shutdown(wait=True)

@@ -595,3 +595,15 @@ def test_the_hot_loop_runs_the_compiled_graphs(pipe, face_video, speech_wav, box
     # every compiled block of every UNet and decoder call went through a graph (none ran eagerly)
     assert graph_calls["n"] >= forward_calls["unet"] * unet_blocks + forward_calls["decoder"] * decoder_blocks
     np.testing.assert_array_equal(_read(result.output), _read(reference.output))
+
+
+def test_warmup_job_runs_a_whole_job_and_leaves_the_pipeline_as_it_was(pipe: Pipeline, tmp_path: Path) -> None:
+    sentinel = object()
+    pipe.avatar_cache, saved = sentinel, pipe.avatar_cache
+    try:
+        seconds = pipe.warmup_job(frame_size=(160, 120), seconds=0.4, preset="ultrafast")
+        assert seconds > 0
+        assert pipe.avatar_cache is sentinel  # not used by the warm-up job, and put back
+        assert pipe.last_timings.get("output_frames") == 10  # 0.4 s at 25 fps went through generate
+    finally:
+        pipe.avatar_cache = saved

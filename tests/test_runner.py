@@ -119,6 +119,22 @@ def test_engine_cache_loads_once_per_version(tmp_path):
     assert factory.loads[0][0] == tmp_path / "models" and factory.loads[0][1] == "cpu"
 
 
+def test_engine_cache_prefetch_starts_the_reads_its_load_takes(tmp_path, tiny_models_dir, monkeypatch):
+    from musetalk_job.models import fastio
+
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
+    assert EngineCache(_settings(tmp_path), factory=Factory()).prefetch("v15") == 0  # not the real loader
+    settings = _settings(tmp_path)
+    settings.models_dir = tiny_models_dir
+    cache = EngineCache(settings)
+    planned = fastio.planned_files(tiny_models_dir, "v15", None)  # fp32 on the CPU: the originals
+    assert cache.prefetch("v15") == len(planned) == 4
+    engine = cache.get("v15")
+    assert all(fastio.take(p) is None for p in planned)  # the load took every read over
+    assert fastio.release_prefetched() == 0
+    assert engine.models.dtype.is_floating_point and cache.prefetch("v15") == 0  # loaded: nothing to read
+
+
 def test_engine_cache_wraps_unexpected_load_errors(tmp_path):
     def broken(models_dir, **kw):
         raise RuntimeError("CUDA error: no kernel image")

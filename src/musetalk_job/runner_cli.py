@@ -187,6 +187,7 @@ def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> i
 
     reporter = make_reporter(settings.log_format, spec.job_id)
     engines = EngineCache(settings)
+    engines.prefetch(spec.version, fp16=spec.fp16)  # weights off the disk while inputs download
     holder: dict[str, Any] = {}
 
     def target() -> None:
@@ -211,6 +212,9 @@ def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> i
                 _print_result(failure_manifest(error, spec), error)
                 os._exit(error.exit_code)
 
+    from .models import fastio
+
+    fastio.release_prefetched()  # a job that failed before loading: its reads are not waited for
     if "exc" in holder:
         from .errors import EngineRuntimeError
 

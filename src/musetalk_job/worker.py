@@ -447,6 +447,8 @@ def main(args: argparse.Namespace) -> int:
             if not any(f" {name} " in warning for name in (*SERVE_ENV.values(), *ENTRYPOINT_ENV)):
                 log.warning(warning)
         state = WorkerState(settings, options, Imds.detect())
+        if options.preload:
+            state.engines.prefetch(options.preload[0])  # before anything imports torch
         try:
             server = _server_class(options.host)((options.host, options.port), make_handler(state))
         except OSError as exc:

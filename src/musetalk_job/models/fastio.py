@@ -103,6 +103,12 @@ class ReadHandle:
             raise self._error
         return self._buffer if self.keep else None
 
+    def cancel(self) -> None:
+        """Skip the chunks not read yet (``result()`` then raises); for a read nobody will take."""
+        with self._lock:
+            if self._error is None and not self._done.is_set():
+                self._error = OSError(f"reading {self.path} was cancelled")
+
     def _chunk_done(self, error: BaseException | None) -> None:
         with self._lock:
             if error is not None and self._error is None:
@@ -416,6 +422,51 @@ def prefetch(models_dir: Path | str, version: str = "v15", dtype: str | None = "
             _INFLIGHT[path.resolve()] = handle
         started.append(path)
     return started
+
+
+PREFETCH_ENV = "MUSETALK_PREFETCH"  # "0": the entry points do not call prefetch_for
+
+
+def load_dtype(device: str | None, fp16: bool | None) -> str | None:
+    """The fast-copy dtype ``Pipeline.from_models_dir`` will load in ("fp16", or None for fp32)
+    for a job's ``fp16`` setting on ``device`` ("cpu", "cuda[:N]", or None/"auto" for CUDA when
+    present), decided without importing torch: "auto" counts as CUDA when the NVIDIA driver's
+    control node exists. A wrong guess only reads files the load then does not take."""
+    if device and device != "auto":
+        on_cuda = device.startswith("cuda")
+    else:
+        on_cuda = os.path.exists("/dev/nvidiactl")
+    half = on_cuda if fp16 is None else fp16
+    return "fp16" if half else None
+
+
+def prefetch_for(models_dir: Path | str, version: str, device: str | None, fp16: bool | None) -> list[Path]:
+    """What a CLI entry point calls before anything imports torch: ``prefetch`` of the files a
+    load of ``version`` on ``device`` will read (see ``load_dtype``), unless ``MUSETALK_PREFETCH=0``
+    or ``models_dir`` is not a directory. The warm manifest's files (torch's and diffusers'
+    libraries and sources) and the weights then come off the disk while the process imports.
+    Never raises."""
+    if os.environ.get(PREFETCH_ENV, "1").strip().lower() in {"0", "false", "off", "no"}:
+        return []
+    try:
+        if not Path(models_dir).is_dir():
+            return []
+        return prefetch(models_dir, version, load_dtype(device, fp16))
+    except Exception:  # noqa: BLE001 - advisory: the load reports any real problem
+        return []
+
+
+def release_prefetched() -> int:
+    """Cancel and forget the ``prefetch`` reads no load took (another dtype or version than
+    guessed, or a job that failed before loading): their chunks not read yet are skipped and
+    their buffers freed, so neither memory nor the interpreter's exit waits on them. Returns how
+    many. ``load`` and the ``run`` entry point call it."""
+    with _LOCK:
+        handles = list(_INFLIGHT.values())
+        _INFLIGHT.clear()
+    for handle in handles:
+        handle.cancel()
+    return len(handles)
 
 
 # ------------------------------------------------------------------------------------------

@@ -427,6 +427,7 @@ class MuseTalkModels:
                     torch.cuda.synchronize(device)
         finally:
             loader.close()
+            fastio.release_prefetched()  # an entry point's prefetch of files this load did not use
         seconds = time.perf_counter() - t0
         timer.breakdown["total"] = round(seconds, 4)
         if parallel and record:
