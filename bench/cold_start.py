@@ -23,10 +23,11 @@ The JSON says which. Prints one JSON object on stdout; progress goes to stderr.
 Per run, ``load_breakdown`` / ``load_timeline`` are ``MuseTalkModels.load``'s own step times
 (docs/engine-models.md, "Cold start"). ``--loaders parallel,serial`` also runs the plain serial
 loader (``MUSETALK_LOAD_PARALLEL=0``) and reports it under ``loaders.serial``; ``prefetch`` is the
-parallel loader after ``fastio.prefetch_for`` (what ``musetalk-job run``/``serve`` do before
-importing torch), reported under ``loaders.prefetch``; the top-level ``original``/``fast`` keys are
-always the first loader's. ``--early-prefetch`` starts
-``fastio.prefetch`` in the child before ``import torch`` (what an entry point can do).
+parallel loader after ``fastio.prefetch`` (the warm manifest and the weights, before importing
+torch) and ``early`` after ``fastio.warm_early`` (the warm manifest only: what ``musetalk-job
+run``/``serve`` do), reported under ``loaders.<name>``; the top-level ``original``/``fast`` keys
+are always the first loader's. ``--early-prefetch`` makes every loader's child start
+``fastio.prefetch`` before ``import torch``.
 ``--load-dtype fp16`` runs in fp16 (so the fp16 fast copies are used on a CPU too).
 ``--read-throughput`` adds the raw read speed of the weight files, one thread sequentially and
 with N threads of ``fastio.Reader`` (page cache dropped before each when possible);
@@ -139,11 +140,12 @@ def _child(args: argparse.Namespace) -> None:
     counters0 = fastio.thread_counters()
     prefetched: list[str] = []
     if args.early_prefetch:
-        if args.load_dtype == "bf16":
-            prefetched = [str(p) for p in fastio.prefetch(args.models_dir, args.version, "bf16")]
-        else:  # what the run/serve entry points do (EngineCache.prefetch)
-            fp16 = None if args.load_dtype is None else args.load_dtype == "fp16"
-            prefetched = [str(p) for p in fastio.prefetch_for(args.models_dir, args.version, args.device, fp16)]
+        on_cuda = args.device.startswith("cuda") if args.device else os.path.exists("/dev/nvidiactl")
+        dtype = args.load_dtype or ("fp16" if on_cuda else None)
+        dtype = None if dtype == "fp32" else dtype
+        prefetched = [str(p) for p in fastio.prefetch(args.models_dir, args.version, dtype)]
+    elif args.warm_early:  # what the run/serve entry points do (EngineCache.warm_early)
+        prefetched = ["warm manifest"] if fastio.warm_early() else []
     import torch
 
     from musetalk_job.pipeline import Pipeline
@@ -213,6 +215,8 @@ def _run_child(models_dir: Path, args: argparse.Namespace, loader: str = "parall
         argv += ["--load-dtype", args.load_dtype]
     if args.early_prefetch or loader == "prefetch":
         argv += ["--early-prefetch"]
+    elif loader == "early":
+        argv += ["--warm-early"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")])),
            "MUSETALK_LOAD_PARALLEL": "0" if loader == "serial" else "1"}
     if args.warm_manifest == "off":
@@ -323,6 +327,8 @@ def main() -> int:
                    help="detector loaded with the models (default dwpose)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", default="original,fast", type=lambda v: [m for m in v.split(",") if m],
+                   help="which weights to time: original and/or fast (default both)")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before every run (root)")
     p.add_argument("--convert", action="store_true", help="run convert-weights first when the copies are not current")
     p.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="dtype of the fast copies (--convert)")
@@ -330,12 +336,14 @@ def main() -> int:
                    help="write random weights of this size into an empty --models-dir first")
     p.add_argument("--loaders", default="parallel",
                    help="comma-separated loaders to time: parallel (default), serial (MUSETALK_LOAD_PARALLEL=0), "
-                        "prefetch (parallel, the child first calling fastio.prefetch_for as the run/serve entry "
-                        "points do, before importing torch)")
+                        "prefetch (parallel, the child first calling fastio.prefetch: the warm manifest and the "
+                        "weights, before importing torch), early (parallel after fastio.warm_early, the warm "
+                        "manifest only, as the run/serve entry points do)")
     p.add_argument("--load-dtype", choices=("fp16", "bf16", "fp32"), default=None,
                    help="dtype of the run (default: fp16 on CUDA, fp32 on CPU; fp16 uses the fast copies on CPU)")
     p.add_argument("--early-prefetch", action="store_true",
                    help="child starts fastio.prefetch before importing torch")
+    p.add_argument("--warm-early", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--read-throughput", action="store_true",
                    help="also report raw sequential/parallel read speed of the weight files")
     p.add_argument("--read-workers", default="4,16,32", type=lambda v: [int(x) for x in v.split(",") if x],
@@ -399,8 +407,10 @@ def main() -> int:
     }
 
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
-    if not loaders or any(x not in ("parallel", "serial", "prefetch") for x in loaders):
-        raise SystemExit(f"cold_start: --loaders takes parallel, serial and/or prefetch, got {args.loaders!r}")
+    if not loaders or any(x not in ("parallel", "serial", "prefetch", "early") for x in loaders):
+        raise SystemExit(f"cold_start: --loaders takes parallel, serial, prefetch and/or early, got {args.loaders!r}")
+    if not args.modes or any(m not in ("original", "fast") for m in args.modes):
+        raise SystemExit(f"cold_start: --modes takes original and/or fast, got {','.join(args.modes)!r}")
     result["loaders_timed"] = loaders
     result["warm_manifest_mode"] = args.warm_manifest
     result["early_prefetch"] = args.early_prefetch
@@ -426,10 +436,13 @@ def main() -> int:
                 _log("cannot drop the page cache (not root?): reporting warm-cache figures")
         if not dropped and args.repeats > 0:
             for mode, d in dirs.items():
+                if mode not in args.modes:
+                    continue
                 _log(f"warm-up {mode}")
                 _run_child(d, args, loaders[0])
+        modes = [m for m in ("original", "fast") if m in args.modes]
         for i in range(args.repeats):
-            order = ("original", "fast") if i % 2 == 0 else ("fast", "original")
+            order = modes if i % 2 == 0 else modes[::-1]
             for loader in loaders if i % 2 == 0 else loaders[::-1]:
                 for mode in order:
                     if dropped:
@@ -455,12 +468,13 @@ def main() -> int:
     result["page_cache"] = "dropped before every run" if dropped else "warm (one untimed warm-up per mode)"
     if args.repeats > 0:
         first = runs[loaders[0]]
-        result["device"] = first["fast"][0]["device"]
-        result["gpu"] = first["fast"][0]["gpu"]
-        result["original"] = _summary(first["original"])
-        result["fast"] = _summary(first["fast"])
-        result["speedup"] = round(result["original"]["median_s"] / result["fast"]["median_s"], 2)
-        result["loaders"] = {lo: {"original": _summary(r["original"]), "fast": _summary(r["fast"])} for lo, r in runs.items()}
+        result["device"] = first[modes[-1]][0]["device"]
+        result["gpu"] = first[modes[-1]][0]["gpu"]
+        for mode in modes:
+            result[mode] = _summary(first[mode])
+        if len(modes) == 2:
+            result["speedup"] = round(result["original"]["median_s"] / result["fast"]["median_s"], 2)
+        result["loaders"] = {lo: {mode: _summary(r[mode]) for mode in modes} for lo, r in runs.items()}
     print(json.dumps(result, indent=2))
     return 0
 

@@ -919,30 +919,34 @@ def test_package_map_cache_is_off_with_the_warm_manifest(monkeypatch) -> None:
     assert md.packages_distributions is original
 
 
-@pytest.mark.parametrize(
-    ("device", "fp16", "expected"),
-    [("cpu", None, None), ("cuda", None, "fp16"), ("cuda:1", None, "fp16"), ("cuda", False, None), ("cpu", True, "fp16")],
-)
-def test_load_dtype_follows_the_pipelines_default(device: str, fp16, expected) -> None:
+def test_warm_early_replays_the_manifest_once_and_can_be_turned_off(tmp_path: Path, monkeypatch) -> None:
+    import json
+
     from musetalk_job.models import fastio
 
-    assert fastio.load_dtype(device, fp16) == expected
-    auto = "fp16" if os.path.exists("/dev/nvidiactl") else None  # auto: CUDA when the driver is there
-    assert fastio.load_dtype(None, None) == fastio.load_dtype("auto", None) == auto
+    manifest = tmp_path / "warm.json"
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(manifest))
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    monkeypatch.setattr(fastio, "WARM_PROCESS", False)  # on this process's reader: observable here
+    assert fastio.warm_early() == 0  # no manifest yet
+    manifest.write_text(json.dumps({"env": fastio._env_key(), "files": [{"path": str(listed), "dir": True}]}))
+    monkeypatch.setenv("MUSETALK_PREFETCH", "0")
+    assert fastio.warm_early() == 0 and fastio._WARMED == []
+    monkeypatch.delenv("MUSETALK_PREFETCH")
+    assert fastio.warm_early() == 1  # the manifest's one entry, queued
+    assert fastio.warm_early() == 0 and fastio.warm_manifest() == 0  # once per process: load's call is a no-op
 
 
-def test_prefetch_for_is_advisory_and_can_be_turned_off(models_copy: Path, tmp_path: Path, monkeypatch) -> None:
+def test_release_prefetched_forgets_the_reads_no_load_took(models_copy: Path, monkeypatch) -> None:
     from musetalk_job.models import fastio
 
     monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
     fastio.release_prefetched()  # what earlier tests left in flight
-    assert fastio.prefetch_for(tmp_path / "missing", "v15", "cpu", None) == []
-    monkeypatch.setenv("MUSETALK_PREFETCH", "0")
-    assert fastio.prefetch_for(models_copy, "v15", "cpu", None) == []
-    monkeypatch.delenv("MUSETALK_PREFETCH")
-    started = fastio.prefetch_for(models_copy, "v15", "cpu", None)
+    started = fastio.prefetch(models_copy, "v15", None)
     assert started == fastio.planned_files(models_copy, "v15", None)
-    assert fastio.release_prefetched() == len(started)  # forgotten: no load takes them now
+    assert fastio.release_prefetched() == len(started)
     assert all(fastio.take(p) is None for p in started)
     assert fastio.release_prefetched() == 0
 

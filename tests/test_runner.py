@@ -119,20 +119,23 @@ def test_engine_cache_loads_once_per_version(tmp_path):
     assert factory.loads[0][0] == tmp_path / "models" and factory.loads[0][1] == "cpu"
 
 
-def test_engine_cache_prefetch_starts_the_reads_its_load_takes(tmp_path, tiny_models_dir, monkeypatch):
+def test_engine_cache_warms_early_only_for_the_real_loader_before_a_load(tmp_path, tiny_models_dir, monkeypatch):
+    import json
+
     from musetalk_job.models import fastio
 
-    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", "0")
-    assert EngineCache(_settings(tmp_path), factory=Factory()).prefetch("v15") == 0  # not the real loader
+    manifest = tmp_path / "warm.json"
+    manifest.write_text(json.dumps({"env": fastio._env_key(), "files": [{"path": str(tmp_path), "dir": True}]}))
+    monkeypatch.setenv("MUSETALK_WARM_MANIFEST", str(manifest))
+    monkeypatch.setattr(fastio, "_WARMED", [])
+    monkeypatch.setattr(fastio, "WARM_PROCESS", False)
+    assert EngineCache(_settings(tmp_path), factory=Factory()).warm_early() == 0  # not the real loader
     settings = _settings(tmp_path)
     settings.models_dir = tiny_models_dir
     cache = EngineCache(settings)
-    planned = fastio.planned_files(tiny_models_dir, "v15", None)  # fp32 on the CPU: the originals
-    assert cache.prefetch("v15") == len(planned) == 4
-    engine = cache.get("v15")
-    assert all(fastio.take(p) is None for p in planned)  # the load took every read over
-    assert fastio.release_prefetched() == 0
-    assert engine.models.dtype.is_floating_point and cache.prefetch("v15") == 0  # loaded: nothing to read
+    assert cache.warm_early() == 1
+    cache.get("v15")  # the load does not warm it again (nor record a manifest: this one is current)
+    assert fastio._WARMED == [1] and cache.warm_early() == 0
 
 
 def test_engine_cache_wraps_unexpected_load_errors(tmp_path):

@@ -233,7 +233,7 @@ OTHER_KNOWN_ENV = frozenset(
         "MUSETALK_LOAD_PARALLEL",
         "MUSETALK_LOAD_WARM_CUDA_LIBS",
         "MUSETALK_PACKAGE_MAP",
-        "MUSETALK_PREFETCH",  # models.fastio.prefetch_for, from the run/serve entry points
+        "MUSETALK_PREFETCH",  # models.fastio.warm_early, from the run/serve entry points
         "MUSETALK_WARM_MANIFEST",
         "MUSETALK_WARM_PROCESS",
     }

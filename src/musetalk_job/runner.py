@@ -13,8 +13,8 @@ Contract
   are touched. ``spec.skip_existing`` with an existing output → exit 0, no work.
 - ``EngineCache(settings).get(version, fp16=None)`` loads a ``Pipeline`` once per
   (version, precision) per process; the worker shares one cache across jobs.
-  ``EngineCache.prefetch(version, fp16=...)``, called by the entry points before anything imports
-  torch, starts reading those models' files from disk.
+  ``EngineCache.warm_early()``, called by the entry points before anything imports torch, starts
+  reading the library files a load imports.
 - ``cancel`` (a ``threading.Event``; a ``CancelToken`` carries the exit code 130/143) is
   passed to every transfer and to the engine; ``spec.job_timeout_s`` stops the job with
   exit 6.
@@ -134,16 +134,16 @@ class EngineCache:
     def loaded(self) -> list[tuple[str, Optional[bool]]]:
         return list(self._engines)
 
-    def prefetch(self, version: str = "v15", *, fp16: Optional[bool] = None) -> int:
-        """Start reading what ``get(version, fp16=fp16)`` will load, before anything imports torch
-        (``models.fastio.prefetch_for``): the weights and the warm manifest's library files come
-        off the disk while the process imports and fetches the inputs. Advisory: returns the
-        files started, 0 when off (``MUSETALK_PREFETCH=0``), already loaded or not applicable."""
-        if self._factory is not None or (version, fp16) in self._engines:
+    def warm_early(self) -> int:
+        """Called by the entry points before anything imports torch: the library files the load
+        will import start coming off the disk (``models.fastio.warm_early``). Advisory: returns
+        the files started, 0 when off (``MUSETALK_PREFETCH=0``), with an injected factory or
+        once an engine is loaded."""
+        if self._factory is not None or self._engines:
             return 0
         from .models import fastio  # standard library only
 
-        return len(fastio.prefetch_for(self.settings.models_dir, version, self.settings.device, fp16))
+        return fastio.warm_early()
 
 
 # ---------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> i
 
     reporter = make_reporter(settings.log_format, spec.job_id)
     engines = EngineCache(settings)
-    engines.prefetch(spec.version, fp16=spec.fp16)  # weights off the disk while inputs download
+    engines.warm_early()  # the libraries the load imports come off the disk while the inputs download
     holder: dict[str, Any] = {}
 
     def target() -> None:
@@ -212,9 +212,6 @@ def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> i
                 _print_result(failure_manifest(error, spec), error)
                 os._exit(error.exit_code)
 
-    from .models import fastio
-
-    fastio.release_prefetched()  # a job that failed before loading: its reads are not waited for
     if "exc" in holder:
         from .errors import EngineRuntimeError
 

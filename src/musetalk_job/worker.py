@@ -198,6 +198,10 @@ class WorkerState:
                     log.info("warm-up: %.1f s (torch.compile %s, CUDA graphs %s)", seconds,
                              "on" if getattr(engine, "compiled", False) else "off",
                              "on" if getattr(engine, "cuda_graphs", False) else "off")
+                    if hasattr(engine, "warmup_job"):
+                        # and what only a whole job sets up (pools, pinned buffers, the encoder and
+                        # muxer, the composite's kernels): the first job then runs as fast as the next
+                        log.info("warm-up job: %.1f s", engine.warmup_job())
             log.info("models loaded in %.1f s (%s)", time.monotonic() - t0, ", ".join(self.options.preload))
             problem = imds_mod.check_gpu(self.settings.device, int(self.options.min_free_vram_gb * 2**30))
             if problem and (self.imds is not None or (self.settings.device or "").startswith("cuda")):
@@ -448,7 +452,7 @@ def main(args: argparse.Namespace) -> int:
                 log.warning(warning)
         state = WorkerState(settings, options, Imds.detect())
         if options.preload:
-            state.engines.prefetch(options.preload[0])  # before anything imports torch
+            state.engines.warm_early()  # before anything imports torch
         try:
             server = _server_class(options.host)((options.host, options.port), make_handler(state))
         except OSError as exc:

@@ -424,43 +424,31 @@ def prefetch(models_dir: Path | str, version: str = "v15", dtype: str | None = "
     return started
 
 
-PREFETCH_ENV = "MUSETALK_PREFETCH"  # "0": the entry points do not call prefetch_for
+PREFETCH_ENV = "MUSETALK_PREFETCH"  # "0": the entry points do not call warm_early
 
 
-def load_dtype(device: str | None, fp16: bool | None) -> str | None:
-    """The fast-copy dtype ``Pipeline.from_models_dir`` will load in ("fp16", or None for fp32)
-    for a job's ``fp16`` setting on ``device`` ("cpu", "cuda[:N]", or None/"auto" for CUDA when
-    present), decided without importing torch: "auto" counts as CUDA when the NVIDIA driver's
-    control node exists. A wrong guess only reads files the load then does not take."""
-    if device and device != "auto":
-        on_cuda = device.startswith("cuda")
-    else:
-        on_cuda = os.path.exists("/dev/nvidiactl")
-    half = on_cuda if fp16 is None else fp16
-    return "fp16" if half else None
-
-
-def prefetch_for(models_dir: Path | str, version: str, device: str | None, fp16: bool | None) -> list[Path]:
-    """What a CLI entry point calls before anything imports torch: ``prefetch`` of the files a
-    load of ``version`` on ``device`` will read (see ``load_dtype``), unless ``MUSETALK_PREFETCH=0``
-    or ``models_dir`` is not a directory. The warm manifest's files (torch's and diffusers'
-    libraries and sources) and the weights then come off the disk while the process imports.
-    Never raises."""
+def warm_early() -> int:
+    """What a CLI entry point calls before anything imports torch: ``warm_manifest()``, so the
+    library files of the last load (torch's shared libraries, diffusers' and transformers'
+    bytecode, the directories the imports list) come off the disk in the helper process while
+    this one imports, instead of from when ``load`` starts. The weights are left to ``load``,
+    which reads them while diffusers imports (CPU-bound): read from the start as well, they held
+    back the imports' own reads and the process was ready later (bench/README.md, runs 50-51).
+    Returns the entries started; 0 when ``MUSETALK_PREFETCH=0``, without a current manifest or
+    when already warming. Never raises."""
     if os.environ.get(PREFETCH_ENV, "1").strip().lower() in {"0", "false", "off", "no"}:
-        return []
+        return 0
     try:
-        if not Path(models_dir).is_dir():
-            return []
-        return prefetch(models_dir, version, load_dtype(device, fp16))
-    except Exception:  # noqa: BLE001 - advisory: the load reports any real problem
-        return []
+        return warm_manifest()
+    except Exception:  # noqa: BLE001 - advisory
+        return 0
 
 
 def release_prefetched() -> int:
     """Cancel and forget the ``prefetch`` reads no load took (another dtype or version than
     guessed, or a job that failed before loading): their chunks not read yet are skipped and
     their buffers freed, so neither memory nor the interpreter's exit waits on them. Returns how
-    many. ``load`` and the ``run`` entry point call it."""
+    many. ``load`` calls it."""
     with _LOCK:
         handles = list(_INFLIGHT.values())
         _INFLIGHT.clear()
