@@ -353,3 +353,36 @@ def test_sigterm_mid_job_leaves_no_output(server, s3, inputs):
         assert result["resp"].status_code == 503, result["resp"].text
     assert _objects(s3, "out/sigterm") == []
     assert not (server.workspace / "job_sigterm-job").exists()
+
+
+def test_start_up_on_a_gpu_runs_the_warm_up_and_a_warm_up_job_before_ready(tmp_path):
+    import argparse
+    import types
+
+    from musetalk_job.job import Settings
+    from musetalk_job.runner import EngineCache
+    from musetalk_job.worker import ServeOptions, WorkerState
+
+    calls: list = []
+
+    class GpuEngine:  # Pipeline's start-up surface, reporting a CUDA device
+        device = types.SimpleNamespace(type="cuda")
+
+        def detector(self, name):
+            calls.append(("detector", name))
+
+        def warmup(self):
+            calls.append("warmup")
+            return 0.1
+
+        def warmup_job(self):
+            assert not state.started.is_set()  # before the node reports ready
+            calls.append("warmup_job")
+            return 0.2
+
+    settings = Settings(models_dir=tmp_path, workspace_root=tmp_path / "ws", device="cpu")
+    state = WorkerState(settings, ServeOptions(argparse.Namespace(), {}), None)
+    state.engines = EngineCache(settings, factory=lambda models_dir, **kw: GpuEngine())
+    state.start_up()
+    assert state.fatal is None and state.started.is_set()
+    assert calls == [("detector", "dwpose"), "warmup", "warmup_job"]
