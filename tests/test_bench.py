@@ -181,3 +181,22 @@ def test_gpu_timeline_busy_idle_and_streams_from_a_trace() -> None:
     assert s["idle_gaps_count"]["1-10ms"] == 1 and s["idle_gaps_count"]["<10us"] == 1
     assert s["streams"]["7"]["events"] == 3 and s["streams"]["13"]["seconds"] == 0.0001
     assert s["top_kernels"][0] == {"name": "conv", "calls": 2, "seconds": 0.0002}
+
+
+def test_first_job_probe_compares_start_ups_with_and_without_the_warm_up_job(bench_dirs: dict[str, Path], report: dict,
+                                                                             tmp_path: Path) -> None:
+    out = tmp_path / "first.json"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "probes" / "first_job.py"), "--device", "cpu", "--size", "tiny",
+        "--models-dir", str(bench_dirs["models"]), "--media", str(bench_dirs["media"]), "--rounds", "1",
+        "--jobs", "2", "--frames", "2", "--warmup-seconds", "0.2", "--preset", "ultrafast", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["same_bytes"]  # the warm-up job changes nothing a job writes
+    assert d["runs"]["warmup"][0]["warmup_job_s"] == 0 and d["runs"]["job"][0]["warmup_job_s"] > 0
+    for variant in ("warmup", "job"):
+        jobs = d["runs"][variant][0]["jobs"]
+        assert len(jobs) == 2 and all(j["frames"] == 2 and j["wall_s"] > 0 for j in jobs)
+        assert d["summary"][variant]["first_job_median_s"] == jobs[0]["wall_s"]

@@ -63,7 +63,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     pipe.avatar_cache = None  # every job is a first one for its video
     load_s = time.perf_counter() - t0
     warmup_s = pipe.warmup() if pipe.device.type == "cuda" else 0.0
-    job_s = pipe.warmup_job(frame_size=(info.width, info.height), preset=args.preset) if args.variant == "job" else 0.0
+    job_s = (pipe.warmup_job(frame_size=(info.width, info.height), seconds=args.warmup_seconds, preset=args.preset)
+             if args.variant == "job" else 0.0)
     out: dict[str, Any] = {"variant": args.variant, "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
                            "warmup_job_s": round(job_s, 3), "jobs": []}
     with tempfile.TemporaryDirectory(prefix="first-job-out-") as tmp:
@@ -94,6 +95,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--jobs", type=int, default=2, help="W1 jobs per process (default 2: the first and the next)")
     p.add_argument("--frames", type=int, default=0, help="smoke: output frames per job (default: W1's 30 s of speech)")
+    p.add_argument("--warmup-seconds", type=float, default=2.0, help="length of the warm-up job (default 2.0, the worker's)")
     p.add_argument("--out", default=None)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -115,7 +117,7 @@ def main() -> int:
         for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
             argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--variant", variant,
                     "--models-dir", str(models), "--media", args.media, "--preset", args.preset,
-                    "--jobs", str(args.jobs), "--frames", str(args.frames)]
+                    "--jobs", str(args.jobs), "--frames", str(args.frames), "--warmup-seconds", str(args.warmup_seconds)]
             if args.device:
                 argv += ["--device", args.device]
             res = subprocess.run(argv, capture_output=True, text=True, check=False)
