@@ -202,7 +202,7 @@ class WorkerState:
                         # and what only a whole job sets up (pools, pinned buffers, the encoder and
                         # muxer, the composite's kernels): the first job then runs as fast as the next
                         log.info("warm-up job: %.1f s", engine.warmup_job())
-            log.info("models loaded in %.1f s (%s)", time.monotonic() - t0, ", ".join(self.options.preload))
+            log.info("models loaded and warmed up in %.1f s (%s)", time.monotonic() - t0, ", ".join(self.options.preload))
             problem = imds_mod.check_gpu(self.settings.device, int(self.options.min_free_vram_gb * 2**30))
             if problem and (self.imds is not None or (self.settings.device or "").startswith("cuda")):
                 if self.imds is not None:
