@@ -354,6 +354,64 @@ def test_job_file_with_boxes(tmp_path, tiny_models_dir, face_video, short_speech
 
 
 @needs_engine
+def test_run_loads_the_models_while_the_inputs_download(tmp_path, tiny_models_dir, face_video, short_speech):
+    """The video's last bytes are held back until the CLI logs "models loaded": the job can only
+    finish (within the gate's 120 s) if the models load while the download is still running."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from musetalk_job.landmarks.boxes import write_boxes_file
+    from musetalk_job.media import probe
+
+    data = face_video.read_bytes()
+    loaded = threading.Event()
+    released_by: list[str] = []
+
+    class Gate(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            released_by.append("models loaded" if loaded.wait(120) else "timeout")
+            self.wfile.write(data[len(data) // 2 :])
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gate)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    boxes = tmp_path / "boxes.json"
+    write_boxes_file(boxes, [(100, 60, 220, 200)] * probe(face_video).n_frames)
+    out = tmp_path / "out.mp4"
+    args = ["run", "--video", f"http://127.0.0.1:{server.server_address[1]}/v.mp4", "--audio", str(short_speech),
+            "--boxes", str(boxes), "--output", str(out), "--models-dir", str(tiny_models_dir),
+            "--workdir", str(tmp_path / "ws"), "--batch-size", "4"]
+    proc = subprocess.Popen(_cli() + args, env=_env({}), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if '"models loaded in' in line:
+                loaded.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        server.shutdown()
+    reader.join(10)
+    assert proc.returncode == 0, "".join(lines)[-4000:]
+    assert released_by == ["models loaded"]  # loaded while the download waited
+    manifest = json.loads(stdout.strip().splitlines()[-1])
+    assert manifest["stage_seconds"].get("load", 0.0) < 1.0  # the job found them (nearly) ready
+    assert_h264_aac(out, _duration(short_speech))
+
+
+@needs_engine
 @pytest.mark.slow
 def test_flags_with_presigned_put(tmp_path, s3, tiny_models_dir, face_png, short_speech):
     client = s3.client()

@@ -9,12 +9,14 @@ Contract
   (``spec.manifest_location()``). The workspace ``settings.workdir_for(job_id)`` is removed
   at the end unless ``spec.keep_workdir``.
 - Inputs are fetched (boxes file included) and probed with ``media.probe`` (video stream
-  present, audio present, duration/resolution within the spec's limits) *before* models
-  are touched. ``spec.skip_existing`` with an existing output → exit 0, no work.
+  present, audio present, duration/resolution within the spec's limits) *before* the job asks
+  for the models: an input error is reported as such even when the models are missing. ``spec.skip_existing`` with an existing output → exit 0, no work.
 - ``EngineCache(settings).get(version, fp16=None)`` loads a ``Pipeline`` once per
   (version, precision) per process; the worker shares one cache across jobs.
   ``EngineCache.warm_early()``, called by the entry points before anything imports torch, starts
-  reading the library files a load imports.
+  reading the library files a load imports; ``EngineCache.start_loading(version, fp16=...)`` loads
+  on a background thread (``musetalk-job run`` calls it before the job, so the models load while
+  the inputs download; ``run_job``'s own ``get`` then waits only for the rest).
 - ``cancel`` (a ``threading.Event``; a ``CancelToken`` carries the exit code 130/143) is
   passed to every transfer and to the engine; ``spec.job_timeout_s`` stops the job with
   exit 6.
@@ -93,7 +95,10 @@ class EngineCache:
         self.settings = settings
         self._factory = factory
         self._engines: dict[tuple[str, Optional[bool]], Any] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for a whole load
+        self._state = threading.Lock()  # the background loads' bookkeeping (never held for long)
+        self._loading: dict[tuple[str, Optional[bool]], threading.Thread] = {}
+        self._failed: dict[tuple[str, Optional[bool]], JobError] = {}
         self.load_seconds: dict[tuple[str, Optional[bool]], float] = {}
 
     def _default_factory(self) -> Callable[..., Any]:
@@ -107,10 +112,14 @@ class EngineCache:
 
     def get(self, version: str = "v15", *, fp16: Optional[bool] = None) -> Any:
         key = (version, fp16)
-        with self._lock:
+        with self._lock:  # a background load of this key in progress holds it: wait for it
             engine = self._engines.get(key)
             if engine is not None:
                 return engine
+            with self._state:
+                failed = self._failed.pop(key, None)
+            if failed is not None:
+                raise failed  # what the background load hit; not loaded a second time
             factory = self._factory or self._default_factory()
             dtype = None
             if fp16 is not None:
@@ -133,6 +142,40 @@ class EngineCache:
 
     def loaded(self) -> list[tuple[str, Optional[bool]]]:
         return list(self._engines)
+
+    def start_loading(self, version: str = "v15", *, fp16: Optional[bool] = None) -> Optional[threading.Thread]:
+        """``get(version, fp16=fp16)`` on a background daemon thread, now: ``musetalk-job run``
+        loads the models while the job downloads and probes its inputs, and the job's own ``get``
+        then finds them loaded or waits for the rest of that load. A failure is kept and raised by
+        the next ``get`` of that key (one attempt, one message). Returns the thread, or None when
+        that key is loaded or loading already. ``loading()`` says whether one still runs."""
+        key = (version, fp16)
+        with self._state:
+            if key in self._engines or key in self._loading:
+                return None
+            thread = threading.Thread(target=self._load_in_background, args=key, name="engine-load", daemon=True)
+            self._loading[key] = thread
+        thread.start()
+        return thread
+
+    def _load_in_background(self, version: str, fp16: Optional[bool]) -> None:
+        try:
+            self.get(version, fp16=fp16)
+        except JobError as exc:
+            with self._state:
+                self._failed[(version, fp16)] = exc
+        except BaseException as exc:  # noqa: BLE001 - get wraps load errors; anything else is kept the same way
+            with self._state:
+                self._failed[(version, fp16)] = EngineRuntimeError(
+                    f"loading the models failed: {type(exc).__name__}: {exc}")
+        finally:
+            with self._state:
+                self._loading.pop((version, fp16), None)
+
+    def loading(self) -> bool:
+        """A ``start_loading`` load is still running."""
+        with self._state:
+            return bool(self._loading)
 
     def warm_early(self) -> int:
         """Called by the entry points before anything imports torch: the library files the load

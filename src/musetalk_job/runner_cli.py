@@ -131,15 +131,28 @@ def _stop_group_function() -> Callable[[], Any]:
     return fn
 
 
+# The job's EngineCache, so that main() can see a background load still running at the end.
+_ENGINES: list[Any] = []
+
+
 def main(args: argparse.Namespace) -> int:
     from .runner import CancelToken
 
     signals = _Signals()
     token = CancelToken()
     try:
-        return _main(args, token, signals)
+        code = _main(args, token, signals)
     finally:
         signals.restore()
+    if any(engines.loading() for engines in _ENGINES):
+        # The job ended before it needed the models (an input error, skip_existing) while they
+        # were still loading in the background: leave now rather than have the interpreter shut
+        # down around a thread inside torch/CUDA initialisation. Everything is reported already.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _signal_error(token: Any) -> Cancelled:
@@ -187,7 +200,12 @@ def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> i
 
     reporter = make_reporter(settings.log_format, spec.job_id)
     engines = EngineCache(settings)
-    engines.warm_early()  # the libraries the load imports come off the disk while the inputs download
+    _ENGINES.append(engines)
+    engines.warm_early()  # the libraries the load imports come off the disk from now
+    from .models import fastio
+
+    if fastio.early_start_enabled():
+        engines.start_loading(spec.version, fp16=spec.fp16)  # the models load while the inputs download
     holder: dict[str, Any] = {}
 
     def target() -> None:

@@ -424,7 +424,13 @@ def prefetch(models_dir: Path | str, version: str = "v15", dtype: str | None = "
     return started
 
 
-PREFETCH_ENV = "MUSETALK_PREFETCH"  # "0": the entry points do not call warm_early
+PREFETCH_ENV = "MUSETALK_PREFETCH"  # "0": the entry points neither warm early nor load early
+
+
+def early_start_enabled() -> bool:
+    """``MUSETALK_PREFETCH`` is not off: the entry points may start on the models before a job
+    needs them (``warm_early``; ``musetalk-job run`` also loads them while the inputs download)."""
+    return os.environ.get(PREFETCH_ENV, "1").strip().lower() not in {"0", "false", "off", "no"}
 
 
 def warm_early() -> int:
@@ -436,7 +442,7 @@ def warm_early() -> int:
     back the imports' own reads and the process was ready later (bench/README.md, runs 50-51).
     Returns the entries started; 0 when ``MUSETALK_PREFETCH=0``, without a current manifest or
     when already warming. Never raises."""
-    if os.environ.get(PREFETCH_ENV, "1").strip().lower() in {"0", "false", "off", "no"}:
+    if not early_start_enabled():
         return 0
     try:
         return warm_manifest()
