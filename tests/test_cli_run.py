@@ -412,6 +412,18 @@ def test_run_loads_the_models_while_the_inputs_download(tmp_path, tiny_models_di
 
 
 @needs_engine
+def test_an_input_error_while_the_models_load_exits_with_its_code(tmp_path, tiny_models_dir, face_video):
+    """The audio is missing: the job fails at once (exit 3) while the background load of real
+    models is still running; the process leaves with exit 3, its one error line and manifest,
+    and no traceback from the interrupted load."""
+    run = run_cli(["--video", str(face_video), "--audio", str(tmp_path / "missing.wav"), "--output",
+                   str(tmp_path / "o.mp4"), "--models-dir", str(tiny_models_dir), "--workdir", str(tmp_path / "ws")], {})
+    assert_failed(run, 3)
+    assert "missing.wav" in run.error_lines()[0] and "Traceback" not in run.stderr
+    assert "load" not in run.manifest["stage_seconds"]
+
+
+@needs_engine
 @pytest.mark.slow
 def test_flags_with_presigned_put(tmp_path, s3, tiny_models_dir, face_png, short_speech):
     client = s3.client()

@@ -138,6 +138,37 @@ def test_engine_cache_warms_early_only_for_the_real_loader_before_a_load(tmp_pat
     assert fastio._WARMED == [1] and cache.warm_early() == 0
 
 
+def test_engine_cache_start_loading_loads_once_in_the_background_and_keeps_a_failure(tmp_path):
+    gate = threading.Event()
+    calls: list[str] = []
+
+    def slow(models_dir, **kw):
+        calls.append(kw["version"])
+        assert gate.wait(10)
+        if kw["version"] == "v1":
+            raise ModelsError("models dir x: the v1 UNet is missing")
+        return MuxEngine(kw["version"])
+
+    cache = EngineCache(_settings(tmp_path), factory=slow)
+    thread = cache.start_loading("v15")
+    assert thread is not None and thread.daemon and cache.loading()
+    assert cache.start_loading("v15") is None  # loading already
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(cache.get("v15")))
+    waiter.start()  # the job's get waits for the background load instead of loading again
+    time.sleep(0.05)
+    assert not got
+    gate.set()
+    thread.join(10)
+    waiter.join(10)
+    assert not cache.loading() and calls == ["v15"] and got[0] is cache.get("v15")
+    assert cache.start_loading("v15") is None  # loaded
+    cache.start_loading("v1").join(10)
+    with pytest.raises(ModelsError, match="v1 UNet is missing"):
+        cache.get("v1")
+    assert calls == ["v15", "v1"]  # the background failure was raised, not loaded a second time
+
+
 def test_engine_cache_wraps_unexpected_load_errors(tmp_path):
     def broken(models_dir, **kw):
         raise RuntimeError("CUDA error: no kernel image")
