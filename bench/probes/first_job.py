@@ -27,6 +27,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402 - bench/probes/report.py, beside this script
 
 VARIANTS = ("warmup", "job")
 
@@ -139,15 +142,7 @@ def main() -> int:
     hashes = sorted({j["sha256"] for rs in runs.values() for run in rs for j in run["jobs"]})
     result = {"preset": args.preset, "rounds": args.rounds, "summary": summary, "same_bytes": len(hashes) == 1,
               "runs": runs}
-    try:
-        import torch
-
-        result["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        result["gpu"] = None
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
+    report.write(result, args.out)
     print(json.dumps(summary, indent=2))
     return 0
 

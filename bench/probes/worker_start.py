@@ -31,6 +31,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import report  # noqa: E402 - bench/probes/report.py, beside this script
 
 
 def _log(msg: str) -> None:
@@ -142,15 +145,7 @@ def main() -> int:
         wanted = ("models loaded", "warm-up", "load", "serving")
         result["log"] = [[t, line] for t, line in lines
                          if any(w in line for w in wanted) and '"progress"' not in line][:40]
-    try:
-        import torch
-
-        result["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        result["gpu"] = None
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text)
+    text = report.write(result, args.out)
     print(text)
     return 0
 
