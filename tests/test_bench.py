@@ -200,3 +200,21 @@ def test_first_job_probe_compares_start_ups_with_and_without_the_warm_up_job(ben
         jobs = d["runs"][variant][0]["jobs"]
         assert len(jobs) == 2 and all(j["frames"] == 2 and j["wall_s"] > 0 for j in jobs)
         assert d["summary"][variant]["first_job_median_s"] == jobs[0]["wall_s"]
+
+
+def test_worker_start_probe_starts_the_real_worker_and_posts_jobs(bench_dirs: dict[str, Path], report: dict,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "worker.json"
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "probes" / "worker_start.py"), "--device", "cpu", "--size", "tiny",
+        "--models-dir", str(bench_dirs["models"]), "--media", str(bench_dirs["media"]), "--jobs", "1",
+        "--audio-seconds", "0.5", "--preset", "ultrafast", "--work", str(tmp_path / "w"), "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert d["spawn_to_started_s"] > 0 and d["exit_code"] == 143  # stopped by SIGTERM, as a node is
+    job = d["jobs"][0]
+    assert job["status"] == 200 and job["exit_code"] == 0 and job["stage_seconds"]["generate"] > 0
+    assert (tmp_path / "w" / "out0.mp4").stat().st_size > 0
+    assert any("models loaded" in line for _, line in d["log"])

@@ -67,6 +67,7 @@ def main() -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--preset", default="medium")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--audio-seconds", type=float, default=0.0, help="smoke: that much of the speech (default: all 30 s)")
     p.add_argument("--work", default="/tmp/worker-start")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for start-up and for each job")
     p.add_argument("--out", default=None)
@@ -92,6 +93,17 @@ def main() -> int:
     media = Path(args.media).resolve()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    speech = media / "speech_30s.wav"
+    if args.audio_seconds > 0:
+        import wave
+
+        with wave.open(str(speech), "rb") as r:
+            params = r.getparams()
+            data = r.readframes(int(params.framerate * args.audio_seconds))
+        speech = work / "speech.wav"
+        with wave.open(str(speech), "wb") as w:
+            w.setparams(params)
+            w.writeframes(data)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSETALK_", "SALAD_"))}
     env.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
                 "PYTHONUNBUFFERED": "1", "MUSETALK_LOG_FORMAT": "json", "MUSETALK_MODELS_DIR": str(models),
@@ -124,7 +136,7 @@ def main() -> int:
         _log(f"started in {result['spawn_to_started_s']:.2f}s")
         base = f"http://127.0.0.1:{port[0]}"
         for i in range(args.jobs):
-            job = {"video": str(media / "face_1280x720_25fps_10s.mp4"), "audio": str(media / "speech_30s.wav"),
+            job = {"video": str(media / "face_1280x720_25fps_10s.mp4"), "audio": str(speech),
                    "boxes": str(media / "boxes.json"), "output": str(work / f"out{i}.mp4"), "preset": args.preset,
                    "job_id": f"w1-{i}"}
             t = time.monotonic()
