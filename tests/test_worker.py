@@ -386,3 +386,12 @@ def test_start_up_on_a_gpu_runs_the_warm_up_and_a_warm_up_job_before_ready(tmp_p
     state.start_up()
     assert state.fatal is None and state.started.is_set()
     assert calls == [("detector", "dwpose"), "warmup", "warmup_job"]
+
+    def broken_job():
+        raise RuntimeError("no encoder")
+
+    GpuEngine.warmup_job = lambda self: broken_job()  # an optimisation: the node still starts
+    state = WorkerState(settings, ServeOptions(argparse.Namespace(), {}), None)
+    state.engines = EngineCache(settings, factory=lambda models_dir, **kw: GpuEngine())
+    state.start_up()
+    assert state.fatal is None and state.started.is_set()

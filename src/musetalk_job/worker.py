@@ -201,7 +201,11 @@ class WorkerState:
                     if hasattr(engine, "warmup_job"):
                         # and what only a whole job sets up (pools, pinned buffers, the encoder and
                         # muxer, the composite's kernels): the first job then runs as fast as the next
-                        log.info("warm-up job: %.1f s", engine.warmup_job())
+                        try:
+                            log.info("warm-up job: %.1f s", engine.warmup_job())
+                        except Exception as exc:  # noqa: BLE001 - an optimisation: serve without it
+                            log.warning("warm-up job failed (%s: %s); the first job will pay its set-up",
+                                        type(exc).__name__, exc)
             log.info("models loaded and warmed up in %.1f s (%s)", time.monotonic() - t0, ", ".join(self.options.preload))
             problem = imds_mod.check_gpu(self.settings.device, int(self.options.min_free_vram_gb * 2**30))
             if problem and (self.imds is not None or (self.settings.device or "").startswith("cuda")):
