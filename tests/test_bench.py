@@ -26,6 +26,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _probe(script: str, out: Path, *args: str) -> dict:
+    """``bench/probes/<script>`` on the CPU with ``args``; its JSON report from ``--out``."""
+    cmd = [sys.executable, str(ROOT / "bench" / "probes" / script), "--device", "cpu", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def bench_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench")
@@ -185,15 +193,9 @@ def test_gpu_timeline_busy_idle_and_streams_from_a_trace() -> None:
 
 def test_first_job_probe_compares_start_ups_with_and_without_the_warm_up_job(bench_dirs: dict[str, Path], report: dict,
                                                                              tmp_path: Path) -> None:
-    out = tmp_path / "first.json"
-    cmd = [
-        sys.executable, str(ROOT / "bench" / "probes" / "first_job.py"), "--device", "cpu", "--size", "tiny",
-        "--models-dir", str(bench_dirs["models"]), "--media", str(bench_dirs["media"]), "--rounds", "1",
-        "--jobs", "2", "--frames", "2", "--warmup-seconds", "0.2", "--preset", "ultrafast", "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = _probe("first_job.py", tmp_path / "first.json", "--size", "tiny", "--models-dir", str(bench_dirs["models"]),
+               "--media", str(bench_dirs["media"]), "--rounds", "1", "--jobs", "2", "--frames", "2",
+               "--warmup-seconds", "0.2", "--preset", "ultrafast")
     assert d["same_bytes"]  # the warm-up job changes nothing a job writes
     assert d["runs"]["warmup"][0]["warmup_job_s"] == 0 and d["runs"]["job"][0]["warmup_job_s"] > 0
     for variant in ("warmup", "job"):
@@ -204,15 +206,9 @@ def test_first_job_probe_compares_start_ups_with_and_without_the_warm_up_job(ben
 
 def test_worker_start_probe_starts_the_real_worker_and_posts_jobs(bench_dirs: dict[str, Path], report: dict,
                                                                   tmp_path: Path) -> None:
-    out = tmp_path / "worker.json"
-    cmd = [
-        sys.executable, str(ROOT / "bench" / "probes" / "worker_start.py"), "--device", "cpu", "--size", "tiny",
-        "--models-dir", str(bench_dirs["models"]), "--media", str(bench_dirs["media"]), "--jobs", "1",
-        "--audio-seconds", "0.5", "--preset", "ultrafast", "--work", str(tmp_path / "w"), "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    d = json.loads(out.read_text())
+    d = _probe("worker_start.py", tmp_path / "worker.json", "--size", "tiny", "--models-dir", str(bench_dirs["models"]),
+               "--media", str(bench_dirs["media"]), "--jobs", "1", "--audio-seconds", "0.5", "--preset", "ultrafast",
+               "--work", str(tmp_path / "w"))
     assert d["spawn_to_started_s"] > 0 and d["exit_code"] == 143  # stopped by SIGTERM, as a node is
     job = d["jobs"][0]
     assert job["status"] == 200 and job["exit_code"] == 0 and job["stage_seconds"]["generate"] > 0
