@@ -27,8 +27,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench as b  # noqa: E402 - bench/bench.py: the media's names, trimmed_audio
 import report  # noqa: E402 - bench/probes/report.py, beside this script
 
 VARIANTS = ("warmup", "job")
@@ -48,18 +50,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     from musetalk_job.pipeline import Pipeline
 
     media = Path(args.media)
-    video, audio, boxes = media / "face_1280x720_25fps_10s.mp4", media / "speech_30s.wav", media / "boxes.json"
-    if args.frames:  # smoke runs: a short piece of the speech
-        import wave
-
-        short = Path(tempfile.mkdtemp(prefix="first-job-")) / "speech.wav"
-        with wave.open(str(audio), "rb") as r:
-            params = r.getparams()
-            data = r.readframes(int(params.framerate * args.frames / 25.0))
-        with wave.open(str(short), "wb") as w:
-            w.setparams(params)
-            w.writeframes(data)
-        audio = short
+    video, audio, boxes = media / b.VIDEO_NAME, media / b.AUDIO_NAME, media / b.BOXES_NAME
     info = probe(video)
     t0 = time.perf_counter()
     pipe = Pipeline.from_models_dir(args.models_dir, device=args.device)
@@ -71,6 +62,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"variant": args.variant, "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
                            "warmup_job_s": round(job_s, 3), "jobs": []}
     with tempfile.TemporaryDirectory(prefix="first-job-out-") as tmp:
+        if args.frames:  # smoke runs: a short piece of the speech
+            audio = b.trimmed_audio(audio, Path(tmp) / "speech.wav", args.frames / 25.0)
         for i in range(args.jobs):
             target = Path(tmp) / f"out{i}.mp4"
             if pipe.device.type == "cuda":

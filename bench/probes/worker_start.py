@@ -31,8 +31,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench as b  # noqa: E402 - bench/bench.py: the media's names, trimmed_audio
 import report  # noqa: E402 - bench/probes/report.py, beside this script
 
 
@@ -93,17 +95,9 @@ def main() -> int:
     media = Path(args.media).resolve()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    speech = media / "speech_30s.wav"
+    speech = media / b.AUDIO_NAME
     if args.audio_seconds > 0:
-        import wave
-
-        with wave.open(str(speech), "rb") as r:
-            params = r.getparams()
-            data = r.readframes(int(params.framerate * args.audio_seconds))
-        speech = work / "speech.wav"
-        with wave.open(str(speech), "wb") as w:
-            w.setparams(params)
-            w.writeframes(data)
+        speech = b.trimmed_audio(speech, work / "speech.wav", args.audio_seconds)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MUSETALK_", "SALAD_"))}
     env.update({"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
                 "PYTHONUNBUFFERED": "1", "MUSETALK_LOG_FORMAT": "json", "MUSETALK_MODELS_DIR": str(models),
@@ -136,8 +130,7 @@ def main() -> int:
         _log(f"started in {result['spawn_to_started_s']:.2f}s")
         base = f"http://127.0.0.1:{port[0]}"
         for i in range(args.jobs):
-            job = {"video": str(media / "face_1280x720_25fps_10s.mp4"), "audio": str(speech),
-                   "boxes": str(media / "boxes.json"), "output": str(work / f"out{i}.mp4"), "preset": args.preset,
+            job = {"video": str(media / b.VIDEO_NAME), "audio": str(speech), "boxes": str(media / b.BOXES_NAME), "output": str(work / f"out{i}.mp4"), "preset": args.preset,
                    "job_id": f"w1-{i}"}
             t = time.monotonic()
             status, body = _post(base + "/jobs", job, args.timeout)

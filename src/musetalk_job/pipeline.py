@@ -314,11 +314,10 @@ class Pipeline:
         the allocator's segments at this frame size. The first real job then runs as fast as the
         next (bench/README.md, run 50). The avatar cache is not used. Call it at start-up, not
         while a job runs. Returns the seconds it took."""
-        import json
         import tempfile
         import wave
 
-        from .landmarks.boxes import BOXES_FORMAT, BOXES_VERSION
+        from .landmarks.boxes import write_boxes_file
         from .samples import make_face_video
 
         t = time.perf_counter()
@@ -326,7 +325,7 @@ class Pipeline:
         fps = 25.0
         n = max(1, int(round(seconds * fps)))
         side = min(w, h) // 3
-        box = [w // 2 - side // 2, h // 2 - side // 2, w // 2 + side // 2, h // 2 + side // 2]
+        box = (w // 2 - side // 2, h // 2 - side // 2, w // 2 + side // 2, h // 2 + side // 2)
         cache, self.avatar_cache = self.avatar_cache, None
         try:
             with tempfile.TemporaryDirectory(prefix="musetalk-warmup-") as tmp:
@@ -338,8 +337,7 @@ class Pipeline:
                     out.setsampwidth(2)
                     out.setframerate(16000)
                     out.writeframes(b"\x00\x00" * int(16000 * n / fps))
-                boxes = root / "boxes.json"
-                boxes.write_text(json.dumps({"format": BOXES_FORMAT, "version": BOXES_VERSION, "frames": [box] * n}))
+                boxes = write_boxes_file(root / "boxes.json", [box] * n)
                 options = EngineOptions(version=self.version, boxes_file=boxes, preset=preset)  # type: ignore[arg-type]
                 self.run(video, audio, root / "out.mp4", options)
         finally:

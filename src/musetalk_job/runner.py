@@ -84,6 +84,14 @@ class JobOutcome:
 # Engine cache
 
 
+LOAD_THREAD = "engine-load"  # the name of EngineCache.start_loading's threads
+
+
+def background_loads_running() -> bool:
+    """Whether an ``EngineCache.start_loading`` thread of this process is still loading."""
+    return any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate())
+
+
 class EngineCache:
     """One loaded ``Pipeline`` per (version, precision), kept for the life of the process.
 
@@ -153,7 +161,7 @@ class EngineCache:
         with self._state:
             if key in self._engines or key in self._loading:
                 return None
-            thread = threading.Thread(target=self._load_in_background, args=key, name="engine-load", daemon=True)
+            thread = threading.Thread(target=self._load_in_background, args=key, name=LOAD_THREAD, daemon=True)
             self._loading[key] = thread
         thread.start()
         return thread

@@ -131,12 +131,8 @@ def _stop_group_function() -> Callable[[], Any]:
     return fn
 
 
-# The job's EngineCache, so that main() can see a background load still running at the end.
-_ENGINES: list[Any] = []
-
-
 def main(args: argparse.Namespace) -> int:
-    from .runner import CancelToken
+    from .runner import CancelToken, background_loads_running
 
     signals = _Signals()
     token = CancelToken()
@@ -144,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
         code = _main(args, token, signals)
     finally:
         signals.restore()
-    if any(engines.loading() for engines in _ENGINES):
+    if background_loads_running():
         # The job ended before it needed the models (an input error, skip_existing) while they
         # were still loading in the background: leave now rather than have the interpreter shut
         # down around a thread inside torch/CUDA initialisation. Everything is reported already.
@@ -200,7 +196,6 @@ def _run_in_thread(spec: Any, settings: Any, token: Any, signals: _Signals) -> i
 
     reporter = make_reporter(settings.log_format, spec.job_id)
     engines = EngineCache(settings)
-    _ENGINES.append(engines)
     engines.warm_early()  # the libraries the load imports come off the disk from now
     from .models import fastio
 
