@@ -23,7 +23,6 @@ detail and the output's hash (a layout changes the bytes only through the last s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
 import sys
 import tempfile
