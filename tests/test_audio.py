@@ -211,3 +211,14 @@ def test_whisper_features_reject_bad_audio(models: MuseTalkModels) -> None:
     bad[10] = np.nan
     with pytest.raises(InputMediaError):
         audio.whisper_features(bad, models)
+
+
+def test_whisper_features_from_a_log_mel_computed_before(models: MuseTalkModels) -> None:
+    """The engine computes the log-mel on a thread while the video is prepared and hands it in:
+    the features are exactly those computed in one call."""
+    x = _signal(31.0, seed=2)
+    mel = audio.log_mel(x, models)
+    assert mel[0].shape == (2, 80, 3000) and mel[1] == len(x)
+    assert torch.equal(audio.whisper_features(x, models, mel=mel), audio.whisper_features(x, models))
+    with pytest.raises(InputMediaError, match="NaN"):
+        audio.log_mel(np.full(1600, np.nan, dtype=np.float32), models)

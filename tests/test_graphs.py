@@ -239,3 +239,39 @@ def test_a_job_with_graphs_writes_the_frames_of_a_job_without(tiny_models_dir: P
     assert len(pipe.face_step.shapes) >= 2  # the full batch and at least one ragged one
     fa, fb = read_frames(a.output).frames, read_frames(b.output).frames
     assert fa.shape == fb.shape and (fa == fb).all()
+
+
+@cuda
+def test_frames_uploaded_on_demand_give_the_frames_of_one_upload(tiny_models_dir: Path, face_video: Path, tmp_path: Path) -> None:
+    """The generate loop's input frames go to the GPU a batch's rows at a time (the default) or all
+    in one copy: the feed holds exactly the rows asked for, and the jobs write the same frames."""
+    import numpy as np
+
+    from musetalk_job.landmarks.boxes import write_boxes_file
+    from musetalk_job.media import read_frames
+    from musetalk_job.options import EngineOptions
+    from musetalk_job.pipeline import Pipeline, _FrameFeed
+
+    frames = read_frames(face_video).frames
+    feed = _FrameFeed(frames, torch.device("cuda"), None)
+    assert feed.rows(3) is not None and feed.done == 3
+    assert np.array_equal(feed.dev[:3].cpu().numpy(), frames[:3])
+    feed.rows(2)  # rows already there: nothing copied again
+    assert feed.done == 3
+    feed.rows(10**6)
+    assert feed.done == frames.shape[0] and np.array_equal(feed.dev.cpu().numpy(), frames)
+    whole = _FrameFeed(frames, torch.device("cuda"), None, on_demand=False)
+    whole.rows(1)
+    assert whole.done == frames.shape[0]
+
+    audio = _voice_like_wav(tmp_path / "voice.wav")
+    h, w = frames.shape[1:3]
+    write_boxes_file(tmp_path / "boxes.json", [(w // 3, h // 6, w // 3 + w // 4, h // 6 + h // 3)] * frames.shape[0])
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
+    pipe.stream_decode = False  # complete frames: the case the one-copy upload covered
+    opts = EngineOptions(boxes_file=tmp_path / "boxes.json", codec="ffv1", batch_size=4)
+    out = []
+    for on_demand in (False, True):
+        pipe.upload_on_demand = on_demand
+        out.append(read_frames(pipe.run(face_video, audio, tmp_path / f"u{int(on_demand)}.mkv", opts).output).frames)
+    assert out[0].shape == out[1].shape and (out[0] == out[1]).all()

@@ -607,3 +607,28 @@ def test_warmup_job_runs_a_whole_job_and_leaves_the_pipeline_as_it_was(pipe: Pip
         assert pipe.last_timings.get("output_frames") == 10  # 0.4 s at 25 fps went through generate
     finally:
         pipe.avatar_cache = saved
+
+
+def test_the_log_mel_computed_during_preparation_gives_the_same_video(
+    pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch
+) -> None:
+    """The audio's log-mel runs on its own thread from the decode on (the default), or inside the
+    audio stage: the same lossless output either way, and the default computes it off the job's thread."""
+    import threading
+
+    from musetalk_job import audio as audiomod
+
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.6)
+    threads: list[str] = []
+    real = audiomod.log_mel
+    monkeypatch.setattr(audiomod, "log_mel", lambda *a, **k: (threads.append(threading.current_thread().name), real(*a, **k))[1])
+    outputs = []
+    for early in (True, False):
+        pipe.early_log_mel = early
+        try:
+            r = pipe.run(face_video, short, tmp_path / f"m{int(early)}.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4))
+        finally:
+            pipe.early_log_mel = True
+        outputs.append(_read(r.output))
+    assert len(threads) == 2 and threads[0].startswith("log-mel") and threads[1] == threading.current_thread().name
+    np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""W1 against the segment encoder's layout, with DWPose, and when its first frame reaches the encoder.
+"""W1 per engine variant (e.g. the segment encoder's layout), with DWPose, and when its first frame reaches the encoder.
 
-    python bench/probes/encoder_w1.py --compile regional --layouts 4,8,8::4 --rounds 3 --out enc.json   # H200
-    python bench/probes/encoder_w1.py --device cpu --size tiny --models /tmp/tiny \\
-        --layouts 1,2 --rounds 1 --audio-seconds 0.4 --out e.json                                      # smoke
+    python bench/probes/encoder_w1.py --compile regional --variant default: \\
+        --variant w8t4:encoder_workers=8,encoder_segment_threads=4 --rounds 3 --out enc.json      # H200
+    python bench/probes/encoder_w1.py --device cpu --size tiny --models /tmp/tiny --variant default: \\
+        --variant w2:encoder_workers=2 --rounds 1 --audio-seconds 0.4 --out e.json                # smoke
 
 A ``veryfast`` W1 is bound by its encoder: the generate loop waits on it, and the job ends an
 encoder tail after the loop. So its wall time is about *when the first frame reaches the encoder*
-plus *750 frames at the encoder's rate inside the job*. This probe measures both, per layout
-(``WORKERS[:AHEAD[:THREADS]]``, as ``bench.py --encoder-variants``; empty parts: the writer's
-defaults), in one process, the layouts rotated over ``--rounds``:
+plus *750 frames at the encoder's rate inside the job*. This probe measures both, per variant
+(``NAME:ATTR=VALUE,...``: ``Pipeline`` attributes set for its jobs, e.g. ``encoder_workers``,
+``encoder_segment_threads``, ``early_log_mel``, ``upload_on_demand``; values are integers,
+``true``/``false`` or ``none``), in one process, the variants rotated over ``--rounds``:
 
 - ``new``: W1 detecting its faces with DWPose (the network's real work; the boxes file's boxes,
   as ``bench.py --dwpose-w1``), no avatar cache;
@@ -17,7 +19,8 @@ defaults), in one process, the layouts rotated over ``--rounds``:
 
 Per job: wall seconds, ``first_frame_s`` and ``last_frame_s`` (job start → the first and the
 last frames handed to the encoder), ``tail_s`` (last frame → done), the stages, the engine's
-detail and the output's hash (a layout changes the bytes only through the last segments' sizes).
+detail and the output's hash (an encoder layout changes the bytes only through the last segments'
+sizes; the other switches change none).
 """
 
 from __future__ import annotations
@@ -43,11 +46,15 @@ def _log(msg: str) -> None:
     print(f"[encoder_w1 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def parse_layout(text: str) -> dict[str, Optional[int]]:
-    """``"WORKERS[:AHEAD[:THREADS]]"`` → the Pipeline's encoder attributes (empty parts: None)."""
-    parts = (text.split(":") + ["", "", ""])[:3]
-    w, ahead, threads = (int(p) if p.strip() else None for p in parts)
-    return {"encoder_workers": w, "encoder_segments_ahead": ahead, "encoder_segment_threads": threads}
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME:ATTR=VALUE,..."`` → the name and the Pipeline attributes to set."""
+    name, _, spec = text.partition(":")
+    attrs: dict[str, Any] = {}
+    for item in (i for i in spec.split(",") if i.strip()):
+        key, _, raw = item.partition("=")
+        low = raw.strip().lower()
+        attrs[key.strip()] = {"true": True, "false": False, "none": None}.get(low, int(low) if low.lstrip("-").isdigit() else raw)
+    return name.strip() or "default", attrs
 
 
 class WriteClock:
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--size", default="full", choices=("full", "tiny"))
     p.add_argument("--preset", default="veryfast")
-    p.add_argument("--layouts", default=",8", help="comma list WORKERS[:AHEAD[:THREADS]]; empty item: the default")
+    p.add_argument("--variant", action="append", default=[], help="NAME:ATTR=VALUE,... (repeatable; default: one run as is)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--audio-seconds", type=float, default=None)
     args = p.parse_args(argv)
@@ -103,15 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     det = pipe.detector("dwpose")
     det.warmup()
-    layouts = args.layouts.split(",")
+    variants = dict(parse_variant(v) for v in (args.variant or ["default:"]))
+    names = list(variants)
     clock = WriteClock()
     report_: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": b._commit(), **info,
-                               "preset": args.preset, "torch": torch.__version__, "cpus": b.host_cpus(), "layouts": layouts,
+                               "preset": args.preset, "torch": torch.__version__, "cpus": b.host_cpus(),
+                               "variants": {k: {a: str(v) for a, v in attrs.items()} for k, attrs in variants.items()},
                                "runs": {}}
     runs: dict[str, list[dict[str, Any]]] = report_["runs"]
 
-    def job(kind: str, layout: str, label: str) -> dict[str, Any]:
-        attrs = parse_layout(layout) if layout else {}
+    def job(kind: str, variant: str, label: str) -> dict[str, Any]:
+        attrs = variants.get(variant, {})
         saved = {k: getattr(pipe, k) for k in attrs}
         for k, v in attrs.items():
             setattr(pipe, k, v)
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         first, last = clock.first or t0, clock.last or t0
         run.update(first_frame_s=round(first - t0, 3), last_frame_s=round(last - t0, 3),
                    tail_s=round(run["wall_s"] - (last - t0), 3))
-        _log(f"{kind} layout {layout or 'default'}: {run['wall_s']:.3f}s (first frame {run['first_frame_s']:.3f}s, "
+        _log(f"{kind} {variant}: {run['wall_s']:.3f}s (first frame {run['first_frame_s']:.3f}s, "
              f"last {run['last_frame_s']:.3f}s, encoder wait {run['detail'].get('encoder_wait_s')})")
         return run
 
@@ -135,17 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         saved_cache = pipe.avatar_cache
         try:
             pipe.avatar_cache = None
-            job("new", "", "warm-up")  # the first DWPose job of the process: not counted
+            job("new", names[0], "warm-up")  # the first DWPose job of the process: not counted
             cache = AvatarCache(work / "avatar-cache")
             pipe.avatar_cache = cache
-            job("fill", "", "fill")
+            job("fill", names[0], "fill")
             for r in range(args.rounds):
-                order = layouts[r % len(layouts):] + layouts[: r % len(layouts)]
-                for k, layout in enumerate(order):
+                order = names[r % len(names):] + names[: r % len(names)]
+                for k, variant in enumerate(order):
                     pipe.avatar_cache = None
-                    runs.setdefault(f"new|{layout}", []).append(job("new", layout, f"n{r}{k}"))
+                    runs.setdefault(f"new|{variant}", []).append(job("new", variant, f"n{r}{k}"))
                     pipe.avatar_cache = cache
-                    runs.setdefault(f"repeat|{layout}", []).append(job("repeat", layout, f"r{r}{k}"))
+                    runs.setdefault(f"repeat|{variant}", []).append(job("repeat", variant, f"r{r}{k}"))
         finally:
             pipe.avatar_cache = saved_cache
     summary: dict[str, Any] = {}
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         report_["gpu"] = torch.cuda.get_device_name()
     report.write(report_, str(args.out))
     for key, s in summary.items():
-        print(f"{key:>16}: wall {s['wall_s']:.3f}s ({s['output_fps']} fps) first frame {s['first_frame_s']:.3f}s "
+        print(f"{key:>20}: wall {s['wall_s']:.3f}s ({s['output_fps']} fps) first frame {s['first_frame_s']:.3f}s "
               f"last {s['last_frame_s']:.3f}s tail {s['tail_s']:.3f}s encoder wait {s['encoder_wait_s']:.3f}s")
     return 0
 

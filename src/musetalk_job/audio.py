@@ -51,8 +51,10 @@ def num_feature_frames(n_samples_16k: int) -> int:
     return math.floor(n_samples_16k / SAMPLE_RATE * FEATURE_RATE)
 
 
-def whisper_features(samples_16k: np.ndarray, models: "MuseTalkModels", *, pieces_per_call: int = PIECES_PER_CALL) -> torch.Tensor:
-    """All 5 Whisper-encoder hidden states per 20 ms of audio: ``[F, 5, 384]`` on ``models.device``."""
+def log_mel(samples_16k: np.ndarray, models: "MuseTalkModels") -> tuple[torch.Tensor, int]:
+    """The Whisper encoder's input for ``samples_16k``: ``[pieces, 80, 3000]`` log-mel on the CPU
+    (one 30 s piece per row) and the sample count. CPU work only: the engine runs it on a thread
+    while the video is prepared (``whisper_features(..., mel=)``)."""
     samples = np.asarray(samples_16k, dtype=np.float32)
     if samples.ndim != 1:
         raise InputMediaError(f"audio must be mono samples (1-D), got an array of shape {samples.shape}")
@@ -63,7 +65,19 @@ def whisper_features(samples_16k: np.ndarray, models: "MuseTalkModels", *, piece
         raise InputMediaError("the audio contains NaN or infinite samples; re-encode the audio file")
     pieces = [samples[i : i + PIECE_SAMPLES] for i in range(0, n, PIECE_SAMPLES)]
     # The extractor pads each piece to 30 s and normalises each piece's log-mel on its own.
-    mel = models.feature_extractor(pieces, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+    return models.feature_extractor(pieces, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features, n
+
+
+def whisper_features(
+    samples_16k: np.ndarray,
+    models: "MuseTalkModels",
+    *,
+    pieces_per_call: int = PIECES_PER_CALL,
+    mel: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """All 5 Whisper-encoder hidden states per 20 ms of audio: ``[F, 5, 384]`` on ``models.device``.
+    ``mel``: ``log_mel(samples_16k, models)`` when already computed."""
+    mel, n = log_mel(samples_16k, models) if mel is None else mel
     encoder = models.whisper
     outputs = []
     with torch.inference_mode():

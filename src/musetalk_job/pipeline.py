@@ -36,7 +36,7 @@ import contextlib
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +209,12 @@ class Pipeline:
         # The input frames are cropped, encoded and parsed while they decode (_decode; False:
         # decode them all first, the benchmarks' before/after).
         self.stream_decode = True
+        # The audio's log-mel (CPU) is computed on a thread from the decode on, so the audio stage
+        # after the preparation only runs the Whisper encoder (False: all of it there).
+        self.early_log_mel = True
+        # The generate loop uploads the input frames a batch's worth at a time, as it needs them
+        # (False: every used frame in one copy before the first batch).
+        self.upload_on_demand = True
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -420,7 +426,7 @@ class Pipeline:
             free, _ = torch.cuda.mem_get_info(self.device)
             if frames.nbytes > 0.25 * free:
                 device = None
-        return _FrameFeed(frames, device, ready)
+        return _FrameFeed(frames, device, ready, self.upload_on_demand)
 
     # ------------------------------------------------------------------ stages
 
@@ -668,11 +674,14 @@ class Pipeline:
             self.compiled = False
             log.warning("torch.compile switched off for this pipeline after running out of memory")
 
-    def audio_features(self, samples: np.ndarray, fps: float, num_frames: int, options: EngineOptions) -> torch.Tensor:
-        """``[T, 50, 384]`` UNet conditioning (windows + positional encoding), model dtype, on the device."""
+    def audio_features(
+        self, samples: np.ndarray, fps: float, num_frames: int, options: EngineOptions, mel: Optional["Future[Any]"] = None
+    ) -> torch.Tensor:
+        """``[T, 50, 384]`` UNet conditioning (windows + positional encoding), model dtype, on the device.
+        ``mel``: a future of ``audio.log_mel(samples, models)`` started earlier (``_run``)."""
         from .audio import frame_windows, positional_encoding, whisper_features
 
-        feats = whisper_features(samples, self.models)
+        feats = whisper_features(samples, self.models, mel=None if mel is None else mel.result())
         windows = frame_windows(
             feats, fps, num_frames, pad_left=options.audio_padding_left, pad_right=options.audio_padding_right
         )
@@ -876,6 +885,11 @@ class Pipeline:
         with torch.inference_mode():
             with st.stage("decode"):
                 frames, fps, samples, stream = self._decode(video, audio, options, stream_decode)
+            mel = None
+            if self.early_log_mel:  # the audio's CPU half runs while the video is prepared
+                from .audio import log_mel
+
+                mel = _log_mel_pool().submit(log_mel, samples, self.models)
             try:
                 num_out = self._num_output_frames(samples, fps, audio)
                 if progress is not None:
@@ -885,7 +899,7 @@ class Pipeline:
                     video, audio, frames, fps, samples, num_out, stream, options, progress, cancel, st
                 )
                 try:
-                    result = self._render(prep, samples, num_out, video, audio, output, options, progress, cancel, st, decoding)
+                    result = self._render(prep, samples, num_out, video, audio, output, options, progress, cancel, st, decoding, mel)
                 finally:
                     if isinstance(prep.masks, MaskStream):
                         prep.masks.close()  # stops the mask thread if the job ended before it did
@@ -909,9 +923,11 @@ class Pipeline:
         cancel: Optional[threading.Event],
         st: _Stages,
         decoding: Optional[Any] = None,
+        mel: Optional["Future[Any]"] = None,
     ) -> Result:
         """Audio features, the generate loop and the encoder: the part of ``run`` after ``prepare``.
-        ``decoding``: the ``media.FrameStream`` still filling ``prep.frames`` (see ``_prepare_streamed``)."""
+        ``decoding``: the ``media.FrameStream`` still filling ``prep.frames`` (see ``_prepare_streamed``);
+        ``mel``: the audio's log-mel, computing since the decode (``_run``)."""
         from .media import VideoWriter
 
         frames, fps = prep.frames, prep.fps
@@ -919,7 +935,7 @@ class Pipeline:
         with torch.inference_mode():
             _check_cancel(cancel)
             with st.stage("audio"):
-                cond = self.audio_features(samples, fps, num_out, options)
+                cond = self.audio_features(samples, fps, num_out, options, mel)
             if progress is not None:
                 progress("audio", num_out, num_out)
 
@@ -1083,14 +1099,30 @@ class Pipeline:
         return n
 
 
+_LOG_MEL_POOL: Optional[ThreadPoolExecutor] = None
+_LOG_MEL_LOCK = threading.Lock()
+
+
+def _log_mel_pool() -> ThreadPoolExecutor:
+    """One thread for the jobs' log-mel computations (``Pipeline.early_log_mel``)."""
+    global _LOG_MEL_POOL
+    with _LOG_MEL_LOCK:
+        if _LOG_MEL_POOL is None:
+            _LOG_MEL_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-mel")
+        return _LOG_MEL_POOL
+
+
 class _FrameFeed:
     """The generate loop's input frames: ``rows(k)`` makes ``frames[:k]`` readable and returns
     them as a uint8 tensor on ``device`` (``None``: the loop copies each batch's frames from the
-    host). Rows still decoding (``ready``) are waited for and uploaded in the order they are
-    needed; complete frames go up in one copy at the first call."""
+    host). Rows are uploaded in the order they are needed, a batch's worth at a time, so the first
+    batch starts after its own rows' copy, not all of them; rows still decoding (``ready``) are
+    waited for first. ``on_demand=False``: complete frames go up in one copy at the first call."""
 
-    def __init__(self, frames: np.ndarray, device: Optional[torch.device], ready: Optional[Callable[[int], None]]) -> None:
-        self.frames, self.ready = frames, ready
+    def __init__(
+        self, frames: np.ndarray, device: Optional[torch.device], ready: Optional[Callable[[int], None]], on_demand: bool = True
+    ) -> None:
+        self.frames, self.ready, self.on_demand = frames, ready, on_demand
         self.n = int(frames.shape[0])
         self.done = 0
         self.dev: Optional[torch.Tensor] = None
@@ -1101,7 +1133,7 @@ class _FrameFeed:
             self.dev = torch.empty(frames.shape, dtype=torch.uint8, device=device)
 
     def rows(self, k: int) -> Optional[torch.Tensor]:
-        k = self.n if self.ready is None else min(int(k), self.n)
+        k = self.n if self.ready is None and not self.on_demand else min(int(k), self.n)
         if self.ready is not None:
             self.ready(k)
         if self.dev is not None and k > self.done:
