@@ -141,3 +141,16 @@ def test_broken_torch_is_runtime_failure(random_dir: Path, tmp_path: Path) -> No
     assert res.returncode == EXIT_RUNTIME, res.stdout + res.stderr
     err = res.stderr.strip().splitlines()[-1]
     assert err.startswith("error[6]:") and "torch: cannot be imported" in err and "libcudart" in err
+
+
+def test_cpus_row_and_a_bad_override(random_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from musetalk_job import cpus
+
+    monkeypatch.delenv("MUSETALK_DEVICE", raising=False)
+    monkeypatch.setenv("MUSETALK_CPUS", "1")
+    row = _row(doctor.diagnose(models_dir=random_dir, version="v15", workspace=tmp_path), "cpus")
+    assert row.status == "info" and row.value.startswith("1 usable") and f"affinity {cpus.affinity_cpus()}" in row.value
+    assert "MUSETALK_CPUS 1" in row.value
+    monkeypatch.setenv("MUSETALK_CPUS", "lots")
+    d = doctor.diagnose(models_dir=random_dir, version="v15", workspace=tmp_path)
+    assert _row(d, "cpus").status == "fail" and d.exit_code == EXIT_SPEC and "MUSETALK_CPUS" in (d.reason or "")

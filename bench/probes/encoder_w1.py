@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="veryfast")
     p.add_argument("--variant", action="append", default=[], help="NAME:ATTR=VALUE,... (repeatable; default: one run as is)")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--kinds", default="new,repeat", help="which jobs each round runs: new, repeat or both")
     p.add_argument("--audio-seconds", type=float, default=None)
     args = p.parse_args(argv)
 
     import torch
 
     from musetalk_job.cache import AvatarCache
+    from musetalk_job.cpus import usable_cpus
     from musetalk_job.landmarks.dwpose import DWPoseDetector
     from musetalk_job.media import VideoWriter
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(variants)
     clock = WriteClock()
     report_: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": b._commit(), **info,
-                               "preset": args.preset, "torch": torch.__version__, "cpus": b.host_cpus(),
+                               "preset": args.preset, "torch": torch.__version__, "cpus": b.host_cpus(), "usable_cpus": usable_cpus(),
                                "variants": {k: {a: str(v) for a, v in attrs.items()} for k, attrs in variants.items()},
                                "runs": {}}
     runs: dict[str, list[dict[str, Any]]] = report_["runs"]
@@ -147,14 +149,18 @@ def main(argv: list[str] | None = None) -> int:
             job("new", names[0], "warm-up")  # the first DWPose job of the process: not counted
             cache = AvatarCache(work / "avatar-cache")
             pipe.avatar_cache = cache
-            job("fill", names[0], "fill")
+            kinds = [k for k in args.kinds.split(",") if k]
+            if "repeat" in kinds:
+                job("fill", names[0], "fill")
             for r in range(args.rounds):
                 order = names[r % len(names):] + names[: r % len(names)]
                 for k, variant in enumerate(order):
-                    pipe.avatar_cache = None
-                    runs.setdefault(f"new|{variant}", []).append(job("new", variant, f"n{r}{k}"))
-                    pipe.avatar_cache = cache
-                    runs.setdefault(f"repeat|{variant}", []).append(job("repeat", variant, f"r{r}{k}"))
+                    if "new" in kinds:
+                        pipe.avatar_cache = None
+                        runs.setdefault(f"new|{variant}", []).append(job("new", variant, f"n{r}{k}"))
+                    if "repeat" in kinds:
+                        pipe.avatar_cache = cache
+                        runs.setdefault(f"repeat|{variant}", []).append(job("repeat", variant, f"r{r}{k}"))
         finally:
             pipe.avatar_cache = saved_cache
     summary: dict[str, Any] = {}

@@ -38,7 +38,6 @@ float bilinear + rounding on the device, where OpenCV uses 11-bit fixed point: a
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,8 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 import cv2
 import numpy as np
 import torch
+
+from .cpus import usable_cpus
 
 Box = tuple[int, int, int, int]
 ParsingMode = Literal["jaw", "raw", "neck"]
@@ -398,7 +399,7 @@ def prepare_masks(
     # A three-stage pipeline over the chunks: while the parser runs on chunk k (device), the pool
     # finishes the masks of chunk k-1 and makes the parser inputs of chunk k+1 (CPU; PIL and
     # OpenCV release the GIL). The same functions on the same data: only the order of work changes.
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=workers or min(8, usable_cpus())) as pool:
 
         def parser_inputs(chunk: list[tuple[int, Box]]) -> list[Any]:
             if frames_ready is not None:

@@ -201,6 +201,24 @@ def _check_encoders(d: Diagnosis) -> None:
         d.add("video encoders", "ok", names)
 
 
+def _check_cpus(d: Diagnosis) -> None:
+    """The CPUs the thread pools are sized for (cpus.usable_cpus), and why fewer than the host's."""
+    from . import cpus
+
+    try:
+        usable = cpus.compute_usable_cpus()
+    except JobError as exc:  # MUSETALK_CPUS invalid
+        d.add("cpus", "fail", exc.message, exc.exit_code)
+        return
+    why = [f"affinity {cpus.affinity_cpus()}"]
+    quota = cpus.quota_cpus()
+    if quota is not None:
+        why.append(f"container quota {quota:g}")
+    if os.environ.get(cpus.CPUS_ENV, "").strip():
+        why.append(f"{cpus.CPUS_ENV} {os.environ[cpus.CPUS_ENV].strip()}")
+    d.add("cpus", "info", f"{usable} usable (host {os.cpu_count()}; {', '.join(why)})")
+
+
 def _check_landmarks(d: Diagnosis, landmarks: str, torch: Any) -> None:
     if landmarks == "dwpose":
         device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
@@ -324,6 +342,7 @@ def diagnose(
     d.add("python", "ok", f"{platform.python_version()} ({platform.system()} {platform.machine()})")
     torch = _check_torch(d, require_gpu)
     _check_encoders(d)
+    _check_cpus(d)
     _check_landmarks(d, landmarks, torch)
     _check_disk(d, Path(workspace) if workspace else Path(os.environ.get("MUSETALK_WORKDIR") or tempfile.gettempdir()))
     try:

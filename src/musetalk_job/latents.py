@@ -15,13 +15,14 @@ Contract (official v1.5 parity, see docs/engine.md):
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
 import torch
+
+from .cpus import usable_cpus
 
 FACE_SIZE = 256
 LATENT_SIZE = 32
@@ -48,7 +49,7 @@ def crop_faces(frames: np.ndarray | Sequence[np.ndarray], boxes: Sequence[Box]) 
 
     # cv2.resize releases the GIL: a thread pool spreads the per-frame LANCZOS4 crops over the
     # cores (the results are identical to the serial loop; each writes its own slot).
-    workers = min(8, os.cpu_count() or 1, max(1, len(boxes) // 8))
+    workers = min(8, usable_cpus(), max(1, len(boxes) // 8))
     if workers <= 1:
         for k in range(len(boxes)):
             resize(k)

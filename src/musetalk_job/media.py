@@ -48,6 +48,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import av
 import numpy as np
 
+from .cpus import usable_cpus
 from .errors import EngineRuntimeError, InputMediaError, SpecError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -299,7 +300,7 @@ _DECODE_AHEAD = 16  # decoded frames waiting for conversion at most
 def _DECODE_POOL() -> Any:
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)), thread_name_prefix="yuv2rgb")
+    return ThreadPoolExecutor(max_workers=max(1, min(4, usable_cpus() - 1)), thread_name_prefix="yuv2rgb")
 
 
 def read_frames(path: PathLike, *, image_fps: float = 25.0) -> VideoFrames:
@@ -694,7 +695,7 @@ def default_encoder_workers(cpus: Optional[int] = None) -> int:
     """Parallel libx264 segments for this machine: one stream below 8 CPUs (x264's own threads
     suffice there), else one encoder per 4 CPUs, at most 8. On the 16-vCPU H200 host, 720p
     `medium`: 1 stream 108 frames/s, 2 segments 193, 4 segments 204, 8 segments 176 (run 7)."""
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or usable_cpus()
     return 1 if cpus < 8 else min(8, cpus // 4)
 
 
@@ -884,7 +885,7 @@ class VideoWriter:
         if self._segmented:
             from concurrent.futures import ThreadPoolExecutor
 
-            cpus = os.cpu_count() or 1
+            cpus = usable_cpus()
             self._seg_threads = max(1, int(threads) if threads else cpus // self.workers)
             self._seg_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="x264-segment")
             self._vstream.codec_context.thread_count = self._seg_threads
@@ -1058,7 +1059,7 @@ class VideoWriter:
         if pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+            workers = max(1, min(4, usable_cpus() - 1))
             pool = self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rgb2yuv")
         return pool
 
