@@ -70,6 +70,7 @@ def test_the_encoder_sizes_itself_from_the_usable_cpus(tmp_path: Path, monkeypat
         w = media.VideoWriter(tmp_path / "o.mp4", width=64, height=64, fps=25)
         try:
             assert w.workers == media.default_encoder_workers(8) and w._seg_threads * w.workers <= 2 * 8
+            assert w._tail_rounds == media.tail_rounds(w.workers, 8) == 2
         finally:
             w.abort()
     finally:

@@ -514,7 +514,7 @@ def test_expected_frames_shrink_the_last_segments_only(tmp_path):
     outs = {}
     for name, kw in (("plain", {}), ("tail", {"expected_frames": 100})):
         out = tmp_path / f"{name}.mp4"
-        with media.VideoWriter(out, width=64, height=48, fps=25, workers=2, segment_frames=30, crf=0, **kw) as w:
+        with media.VideoWriter(out, width=64, height=48, fps=25, workers=2, segment_frames=30, crf=0, tail_rounds=2, **kw) as w:
             w.write(frames)
         outs[name] = (w.segment_sizes, media.read_frames(out).frames)
         import av
@@ -529,7 +529,7 @@ def test_expected_frames_shrink_the_last_segments_only(tmp_path):
     np.testing.assert_array_equal(outs["tail"][1], outs["plain"][1])  # crf 0: the same frames
     # A wrong hint only changes where segments end, not the video.
     with media.VideoWriter(tmp_path / "short.mp4", width=64, height=48, fps=25, workers=2, segment_frames=30,
-                           crf=0, expected_frames=40) as w:
+                           crf=0, expected_frames=40, tail_rounds=2) as w:
         w.write(frames)
     assert sum(w.segment_sizes) == 100 and w.segment_sizes[:2] == [20, 12] and max(w.segment_sizes) == 30
     np.testing.assert_array_equal(media.read_frames(tmp_path / "short.mp4").frames, outs["plain"][1])
@@ -619,8 +619,12 @@ def test_segmented_writer_abort_removes_the_file_and_stops_threads(tmp_path):
 
 def test_encoder_workers_default_and_env(tmp_path, monkeypatch):
     assert media.default_encoder_workers(2) == 1 and media.default_encoder_workers(4) == 1
-    assert media.default_encoder_workers(16) == 4 and media.default_encoder_workers(8) == 2
-    assert media.default_encoder_workers(64) == 8
+    # one encoder per 2 CPUs (at most 8), each with SEGMENT_THREADS threads: 2 threads per CPU
+    assert media.default_encoder_workers(16) == 8 and media.default_encoder_workers(8) == 4
+    assert media.default_encoder_workers(12) == 6 and media.default_encoder_workers(64) == 8
+    # the tail shrinks over the rounds the CPUs run at full speed at once
+    assert media.tail_rounds(8, 16) == 4 and media.tail_rounds(4, 8) == 2 and media.tail_rounds(8, 64) == 8
+    assert media.tail_rounds(2, 2) == 1 and media.tail_rounds(3, 64) == 3
     monkeypatch.setenv("MUSETALK_ENCODER_WORKERS", "3")
     w = media.VideoWriter(tmp_path / "e.mp4", width=64, height=48, fps=25)
     assert w.workers == 3

@@ -691,12 +691,29 @@ DEFAULT_SEGMENT_FRAMES = 50
 MIN_TAIL_SEGMENT = 12
 
 
+# libx264 threads per segment encoder. Segment encoders x CPUs: the encoders run
+# SEGMENT_THREADS threads each and there are half as many as the CPUs (at most 8): twice as many
+# threads as CPUs, so an encoder that waits for frames or ramps a segment up or down leaves no CPU
+# idle. W1 with DWPose, x264 `medium` (bench/README.md, run 56): 16 CPUs 8 x 4 threads 5.41 s
+# against 4 x 4 5.84 s; 8 CPUs (taskset) 4 x 4 8.37 s against 2 x 4 10.02 s.
+SEGMENT_THREADS = 4
+
+
 def default_encoder_workers(cpus: Optional[int] = None) -> int:
-    """Parallel libx264 segments for this machine: one stream below 8 CPUs (x264's own threads
-    suffice there), else one encoder per 4 CPUs, at most 8. On the 16-vCPU H200 host, 720p
-    `medium`: 1 stream 108 frames/s, 2 segments 193, 4 segments 204, 8 segments 176 (run 7)."""
+    """Parallel libx264 segments for this machine (``cpus``: default ``cpus.usable_cpus()``): one
+    stream below 8 CPUs (x264's own threads suffice there), else one encoder per 2 CPUs, at most 8,
+    each running ``SEGMENT_THREADS`` threads (see above)."""
     cpus = cpus or usable_cpus()
-    return 1 if cpus < 8 else min(8, cpus // 4)
+    return 1 if cpus < 8 else min(8, cpus // 2)
+
+
+def tail_rounds(workers: int, cpus: Optional[int] = None) -> int:
+    """Rounds of segments the tail schedule shrinks (``VideoWriter(expected_frames=)``): the
+    encoders the CPUs run at full speed at once (``cpus // SEGMENT_THREADS``), at most ``workers``.
+    More rounds end the job no sooner on CPUs already shared out, and each extra segment costs an
+    IDR frame (8 rounds instead of 4: +6-9 % file size on W1)."""
+    cpus = cpus or usable_cpus()
+    return max(1, min(workers, cpus // SEGMENT_THREADS))
 
 
 class VideoWriter:
@@ -719,15 +736,15 @@ class VideoWriter:
     Segment-parallel libx264 (``workers > 1``; ``None`` = ``MUSETALK_ENCODER_WORKERS`` or
     ``default_encoder_workers()``): consecutive runs of ``segment_frames`` frames (default
     ``DEFAULT_SEGMENT_FRAMES``) are each encoded by their own libx264 context (same options,
-    ``cpus // workers`` threads, starting with an IDR) on ``workers`` threads; the mux thread
+    ``SEGMENT_THREADS`` threads, starting with an IDR) on ``workers`` threads; the mux thread
     joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
     join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are being
-    encoded; each segment's libx264 runs ``segment_threads`` threads (default: the CPUs shared out
-    between the workers). NVENC and the lossless codecs always use one stream (``workers == 1``).
-    ``expected_frames`` (a hint: how many frames will be written) lets the last segments shrink
-    (``segment_sizes``) so that the encoders finish soon after the last frame instead of one whole
-    segment later; more or fewer frames are fine.
+    encoded; each segment's libx264 runs ``segment_threads`` threads (default ``SEGMENT_THREADS``).
+    NVENC and the lossless codecs always use one stream (``workers == 1``).
+    ``expected_frames`` (a hint: how many frames will be written) lets the segments of the last
+    ``tail_rounds`` (default ``tail_rounds(workers)``) rounds shrink (``segment_sizes``) so that the encoders finish soon
+    after the last frame instead of one whole segment later; more or fewer frames are fine.
     """
 
     def __init__(
@@ -747,6 +764,7 @@ class VideoWriter:
         expected_frames: Optional[int] = None,
         segments_ahead: Optional[int] = None,
         segment_threads: Optional[int] = None,
+        tail_rounds: Optional[int] = None,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -784,7 +802,7 @@ class VideoWriter:
         self.expected_frames = int(expected_frames) if expected_frames else None
         try:
             self._setup_video(crf, preset)
-            self._setup_segments(workers, segment_frames, segments_ahead, segment_threads)
+            self._setup_segments(workers, segment_frames, segments_ahead, segment_threads, tail_rounds)
             if audio_path is not None:
                 self._setup_audio(Path(audio_path))
         except BaseException:
@@ -857,7 +875,12 @@ class VideoWriter:
         self._audio_samples = 0  # samples sent to the encoder
 
     def _setup_segments(
-        self, workers: Optional[int], segment_frames: Optional[int], ahead: Optional[int] = None, threads: Optional[int] = None
+        self,
+        workers: Optional[int],
+        segment_frames: Optional[int],
+        ahead: Optional[int] = None,
+        threads: Optional[int] = None,
+        rounds: Optional[int] = None,
     ) -> None:
         """Segment-parallel libx264 (see the class docstring); one stream for everything else."""
         if workers is None:
@@ -872,6 +895,7 @@ class VideoWriter:
         if int(workers) < 1:
             raise SpecError(f"encoder workers: must be >= 1 (got {workers})")
         self.workers = int(workers) if self.encoder == "libx264" else 1
+        self._tail_rounds = max(1, int(rounds)) if rounds else tail_rounds(self.workers)
         self.segment_frames = max(1, int(segment_frames or DEFAULT_SEGMENT_FRAMES))
         self._segmented = self.workers > 1
         self._seg_buf: list[tuple[str, np.ndarray]] = []
@@ -885,8 +909,7 @@ class VideoWriter:
         if self._segmented:
             from concurrent.futures import ThreadPoolExecutor
 
-            cpus = usable_cpus()
-            self._seg_threads = max(1, int(threads) if threads else cpus // self.workers)
+            self._seg_threads = max(1, int(threads) if threads else SEGMENT_THREADS)
             self._seg_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="x264-segment")
             self._vstream.codec_context.thread_count = self._seg_threads
 
@@ -958,15 +981,16 @@ class VideoWriter:
 
     def _next_segment_size(self, start: int) -> int:
         """Frames in the segment that starts at frame ``start``. With ``expected_frames`` known, the
-        segments of the last ``workers`` rounds shrink (each a ``workers``-th of what is left, at
+        segments of the last ``R = tail_rounds`` rounds shrink (each an ``R``-th of what is left, at
         least MIN_TAIL_SEGMENT): the last one, which nothing overlaps, is then short."""
         full = self.segment_frames
         if self.expected_frames is None:
             return full
         left = self.expected_frames - start
-        if left <= 0 or left > self.workers * full:
+        rounds = self._tail_rounds
+        if left <= 0 or left > rounds * full:
             return full
-        return max(min(full, MIN_TAIL_SEGMENT), min(full, -(-left // self.workers)))
+        return max(min(full, MIN_TAIL_SEGMENT), min(full, -(-left // rounds)))
 
     def _submit_segment(self) -> None:
         """Give the buffered frames to a segment encoder; blocks while ``segments_ahead`` are being encoded."""
