@@ -625,6 +625,9 @@ def test_encoder_workers_default_and_env(tmp_path, monkeypatch):
     # the tail shrinks over the rounds the CPUs run at full speed at once
     assert media.tail_rounds(8, 16) == 4 and media.tail_rounds(4, 8) == 2 and media.tail_rounds(8, 64) == 8
     assert media.tail_rounds(2, 2) == 1 and media.tail_rounds(3, 64) == 3
+    # twice as many encoder threads as CPUs, at least 4 per encoder
+    assert media.segment_threads(8, 16) == 4 and media.segment_threads(4, 8) == 4 and media.segment_threads(8, 64) == 16
+    assert media.segment_threads(2, 2) == 4 and media.segment_threads(3, 16) == 10
     monkeypatch.setenv("MUSETALK_ENCODER_WORKERS", "3")
     w = media.VideoWriter(tmp_path / "e.mp4", width=64, height=48, fps=25)
     assert w.workers == 3

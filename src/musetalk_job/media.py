@@ -691,18 +691,19 @@ DEFAULT_SEGMENT_FRAMES = 50
 MIN_TAIL_SEGMENT = 12
 
 
-# libx264 threads per segment encoder. Segment encoders x CPUs: the encoders run
-# SEGMENT_THREADS threads each and there are half as many as the CPUs (at most 8): twice as many
-# threads as CPUs, so an encoder that waits for frames or ramps a segment up or down leaves no CPU
-# idle. W1 with DWPose, x264 `medium` (bench/README.md, run 56): 16 CPUs 8 x 4 threads 5.41 s
-# against 4 x 4 5.84 s; 8 CPUs (taskset) 4 x 4 8.37 s against 2 x 4 10.02 s.
+# Segment encoders and their threads: half as many encoders as CPUs (at most 8), each running
+# SEGMENT_THREADS libx264 threads or more, so that there are twice as many encoder threads as
+# CPUs: an encoder that waits for frames or ramps a segment up or down then leaves no CPU idle.
+# W1 with DWPose, x264 `medium` (bench/README.md, runs 56-57): 16 CPUs 8 x 4 threads 4.86-5.21 s
+# against 4 x 4 5.20-5.66 s; 8 CPUs (taskset) 4 x 4 7.33-7.45 s against 2 x 4 8.74-8.94 s;
+# `veryfast` on 16 CPUs unchanged (3.00-3.11 against 2.94-3.05 s).
 SEGMENT_THREADS = 4
 
 
 def default_encoder_workers(cpus: Optional[int] = None) -> int:
     """Parallel libx264 segments for this machine (``cpus``: default ``cpus.usable_cpus()``): one
     stream below 8 CPUs (x264's own threads suffice there), else one encoder per 2 CPUs, at most 8,
-    each running ``SEGMENT_THREADS`` threads (see above)."""
+    each running ``segment_threads(workers)`` threads (see above)."""
     cpus = cpus or usable_cpus()
     return 1 if cpus < 8 else min(8, cpus // 2)
 
@@ -714,6 +715,13 @@ def tail_rounds(workers: int, cpus: Optional[int] = None) -> int:
     IDR frame (8 rounds instead of 4: +6-9 % file size on W1)."""
     cpus = cpus or usable_cpus()
     return max(1, min(workers, cpus // SEGMENT_THREADS))
+
+
+def segment_threads(workers: int, cpus: Optional[int] = None) -> int:
+    """libx264 threads per segment encoder: twice the CPUs shared out between the ``workers``,
+    at least ``SEGMENT_THREADS``."""
+    cpus = cpus or usable_cpus()
+    return max(SEGMENT_THREADS, 2 * cpus // max(1, workers))
 
 
 class VideoWriter:
@@ -736,11 +744,12 @@ class VideoWriter:
     Segment-parallel libx264 (``workers > 1``; ``None`` = ``MUSETALK_ENCODER_WORKERS`` or
     ``default_encoder_workers()``): consecutive runs of ``segment_frames`` frames (default
     ``DEFAULT_SEGMENT_FRAMES``) are each encoded by their own libx264 context (same options,
-    ``SEGMENT_THREADS`` threads, starting with an IDR) on ``workers`` threads; the mux thread
+    ``segment_threads`` threads, starting with an IDR) on ``workers`` threads; the mux thread
     joins their packets in order, re-timed by the segment's first frame. A segment whose SPS/PPS
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
     join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are being
-    encoded; each segment's libx264 runs ``segment_threads`` threads (default ``SEGMENT_THREADS``).
+    encoded; each segment's libx264 runs ``segment_threads`` threads (default
+    ``segment_threads(workers)``).
     NVENC and the lossless codecs always use one stream (``workers == 1``).
     ``expected_frames`` (a hint: how many frames will be written) lets the segments of the last
     ``tail_rounds`` (default ``tail_rounds(workers)``) rounds shrink (``segment_sizes``) so that the encoders finish soon
@@ -909,7 +918,7 @@ class VideoWriter:
         if self._segmented:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._seg_threads = max(1, int(threads) if threads else SEGMENT_THREADS)
+            self._seg_threads = max(1, int(threads)) if threads else segment_threads(self.workers)
             self._seg_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="x264-segment")
             self._vstream.codec_context.thread_count = self._seg_threads
 
