@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 # The benchmark's ``output_fps`` for W1 on one NVIDIA H200 in the default configuration (2026-11-29,
-# commit 38b1a5e, bench/results/h200-2026-11-29-run49-default-config.json: warm, no MUSETALK_COMPILE,
-# CUDA graphs on, faces detected with DWPose, libx264 medium).
-H200_MEASURED_FPS: Optional[float] = 111.3
+# commit f0bbad5, bench/results/h200-2026-11-29-run58-default-config.json: warm, no MUSETALK_COMPILE,
+# CUDA graphs on, faces detected with DWPose, libx264 medium, 16 vCPUs; 5.94 s). Run 49 (38b1a5e,
+# before the encoder layout of run 57) measured 111.3.
+H200_MEASURED_FPS: Optional[float] = 126.2
 
 # Per-GPU-hour prices in USD by priority (high, medium, low, batch), from the SaladCloud
 # `GET /gpu-classes` snapshot dated 2025-09-22 (docs/salad.md §6). Prices move: pass --price
