@@ -5,7 +5,9 @@
 #          micro, landmarks), encoder_bench.py (CPU encoder alone) and probes/graph_memory.py (memory with and
 #          without CUDA graphs per batch)
 # compile: every W1 run compiled, then eager in the same process (bench.py --compile; run 21's command),
-#          compile_bench.py (models alone) and probes/gpu_floor.py (op floors, compile variants per model)
+#          compile_bench.py (models alone), probes/gpu_floor.py (op floors, compile variants per model) and
+#          probes/encoder_w1.py (W1 with DWPose, new and from the avatar cache, when the first frame reaches the
+#          encoder; `medium` and `veryfast`)
 # cold   : cold_start.py (page cache dropped before every run; needs root)
 # Each part writes <name>.json and <name>.log; a failing part does not stop the others.
 set -u
@@ -39,6 +41,11 @@ if [[ $part == compile || $part == all ]]; then
   step compile "$py" "$here/compile_bench.py" --models "$models" --budget-s "${MUSETALK_BENCH_COMPILE_BUDGET:-180}"
   "$py" "$here/probes/gpu_floor.py" --out "$out/gpu_floor.json" >"$out/gpu_floor.log" 2>&1
   echo "== gpu_floor: exit $?" >&2
+  for preset in veryfast medium; do
+    "$py" "$here/probes/encoder_w1.py" --models "$models" --compile "${MUSETALK_BENCH_COMPILE:-regional}" \
+      --preset "$preset" --rounds 2 --out "$out/encoder_w1_$preset.json" >"$out/encoder_w1_$preset.log" 2>&1
+    echo "== encoder_w1 $preset: exit $?" >&2
+  done
 fi
 if [[ $part == cold || $part == all ]]; then
   step cold_start "$py" "$here/cold_start.py" --models-dir "$models" --convert --repeats 3 --drop-caches
