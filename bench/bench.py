@@ -33,6 +33,7 @@ import platform
 import subprocess
 import statistics
 import sys
+import tempfile
 import time
 import wave
 from pathlib import Path
@@ -323,6 +324,30 @@ def probe_pipeline(
         pipe.compiled = compiled.enable(pipe.models, mode=compile_mode)
     info = {"compile": compile_mode or "eager", "warmup_s": round(pipe.warmup(), 2)}
     return pipe, (media / VIDEO_NAME, media / AUDIO_NAME, media / BOXES_NAME), info
+
+
+def probe_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``probe_setup`` reads, and ``--out``: what the W1 probes share."""
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--media", type=Path, default=ROOT / ".bench" / "media")
+    p.add_argument("--models", type=Path, default=Path("/tmp/musetalk-bench-models"))
+    p.add_argument("--compile", default="", help="regional|full (default: eager)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--audio-seconds", type=float, default=None, help="cut W1's speech to this length")
+
+
+def probe_setup(args: Any, prefix: str) -> tuple[Any, Path, Path, Path, dict[str, Any], Path]:
+    """``probe_pipeline`` from a probe's parsed arguments (``models``, ``media``, ``device``, ``size``,
+    ``compile``, ``audio_seconds``), plus a fresh work dir and the speech cut to ``audio_seconds``
+    when given. Returns the pipeline, video, audio, boxes file, ``info`` and the work dir."""
+    pipe, (video, audio, boxes), info = probe_pipeline(
+        args.models, args.media, device=args.device, size=args.size, compile_mode=args.compile
+    )
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    if args.audio_seconds:
+        audio = trimmed_audio(audio, work / "speech.wav", args.audio_seconds)
+    return pipe, video, audio, boxes, info, work
 
 
 def graph_pool_gib(pipe: Any) -> Optional[float]:

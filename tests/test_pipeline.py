@@ -97,6 +97,16 @@ def _read(path: Path) -> np.ndarray:
     return read_frames(path).frames
 
 
+def _run_with(pipe: Pipeline, attr: str, value: object, video: Path, audio: Path, out: Path, options: EngineOptions) -> np.ndarray:
+    """The frames of ``pipe.run`` with the pipeline switch ``attr`` set to ``value`` (restored after)."""
+    saved = getattr(pipe, attr)
+    setattr(pipe, attr, value)
+    try:
+        return _read(pipe.run(video, audio, out, options).output)
+    finally:
+        setattr(pipe, attr, saved)
+
+
 def _blend_box(box: tuple[int, int, int, int], height: int, margin: int = 10) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = box
     return x1, y1, x2, min(height, y2 + margin)
@@ -408,12 +418,8 @@ def test_frames_used_while_decoding_give_the_same_video(pipe, face_video, speech
     monkeypatch.setattr(media.FrameStream, "wait", lambda self, k: (waits.append(k), real_wait(self, k))[1])
     outputs = []
     for streamed in (True, False):
-        pipe.stream_decode = streamed
-        try:
-            r = pipe.run(face_video, short, tmp_path / f"s{int(streamed)}.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4))
-        finally:
-            pipe.stream_decode = True
-        outputs.append(_read(r.output))
+        opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
+        outputs.append(_run_with(pipe, "stream_decode", streamed, face_video, short, tmp_path / f"s{int(streamed)}.mkv", opts))
         if streamed:
             # The crops and the masks each waited, chunk by chunk, up to the last used frame.
             assert max(waits) == 15 and len(waits) >= 4
@@ -614,21 +620,13 @@ def test_the_log_mel_computed_during_preparation_gives_the_same_video(
 ) -> None:
     """The audio's log-mel runs on its own thread from the decode on (the default), or inside the
     audio stage: the same lossless output either way, and the default computes it off the job's thread."""
-    import threading
-
     from musetalk_job import audio as audiomod
 
     short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.6)
     threads: list[str] = []
     real = audiomod.log_mel
     monkeypatch.setattr(audiomod, "log_mel", lambda *a, **k: (threads.append(threading.current_thread().name), real(*a, **k))[1])
-    outputs = []
-    for early in (True, False):
-        pipe.early_log_mel = early
-        try:
-            r = pipe.run(face_video, short, tmp_path / f"m{int(early)}.mkv", EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4))
-        finally:
-            pipe.early_log_mel = True
-        outputs.append(_read(r.output))
+    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
+    outputs = [_run_with(pipe, "early_log_mel", early, face_video, short, tmp_path / f"m{int(early)}.mkv", opts) for early in (True, False)]
     assert len(threads) == 2 and threads[0].startswith("log-mel") and threads[1] == threading.current_thread().name
     np.testing.assert_array_equal(outputs[0], outputs[1])

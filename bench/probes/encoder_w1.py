@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -83,17 +82,11 @@ class WriteClock:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--media", type=Path, default=ROOT / ".bench" / "media")
-    p.add_argument("--models", type=Path, default=Path("/tmp/musetalk-bench-models"))
-    p.add_argument("--compile", default="", help="regional|full (default: eager)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    b.probe_arguments(p)
     p.add_argument("--preset", default="veryfast")
     p.add_argument("--variant", action="append", default=[], help="NAME:ATTR=VALUE,... (repeatable; default: one run as is)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kinds", default="new,repeat", help="which jobs each round runs: new, repeat or both")
-    p.add_argument("--audio-seconds", type=float, default=None)
     args = p.parse_args(argv)
 
     import torch
@@ -103,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from musetalk_job.landmarks.dwpose import DWPoseDetector
     from musetalk_job.media import VideoWriter
 
-    pipe, (video, audio, boxes), info = b.probe_pipeline(
-        args.models, args.media, device=args.device, size=args.size, compile_mode=args.compile
-    )
-    work = Path(tempfile.mkdtemp(prefix="encoder-w1-"))
-    if args.audio_seconds:
-        audio = b.trimmed_audio(audio, work / "speech.wav", args.audio_seconds)
+    pipe, video, audio, boxes, info, work = b.probe_setup(args, "encoder-w1-")
     cuda = args.device.startswith("cuda")
     det = pipe.detector("dwpose")
     det.warmup()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -91,28 +90,17 @@ def summarize(events: list[dict[str, Any]], top: int = 25) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import bench as B
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--media", type=Path, default=ROOT / ".bench" / "media")
-    p.add_argument("--models", type=Path, default=Path("/tmp/musetalk-bench-models"))
-    p.add_argument("--compile", default="", help="regional|full (default: eager)")
+    B.probe_arguments(p)
     p.add_argument("--preset", default="veryfast")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--size", default="full", choices=("full", "tiny"))
-    p.add_argument("--audio-seconds", type=float, default=None)
     args = p.parse_args(argv)
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import bench as B
-
-    pipe, (video, audio, boxes), info = B.probe_pipeline(
-        args.models, args.media, device=args.device, size=args.size, compile_mode=args.compile
-    )
-    work = Path(tempfile.mkdtemp(prefix="gpu-timeline-"))
-    if args.audio_seconds:
-        audio = B.trimmed_audio(audio, work / "speech.wav", args.audio_seconds)
+    pipe, video, audio, boxes, info, work = B.probe_setup(args, "gpu-timeline-")
     cuda = args.device.startswith("cuda")
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **info, "preset": args.preset,
                               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
