@@ -40,32 +40,33 @@ def _read(path: Path) -> Optional[str]:
         return None
 
 
+def _quota_and_period(root: Path) -> Optional[tuple[str, str]]:
+    """The raw quota and period: cgroup v2's ``cpu.max``, else cgroup v1's two files."""
+    v2 = _read(root / "cpu.max")
+    if v2 is not None:
+        parts = v2.split()
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+    for sub in ("cpu", "cpu,cpuacct"):
+        quota, period = _read(root / sub / "cpu.cfs_quota_us"), _read(root / sub / "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            return quota, period
+    return None
+
+
 def quota_cpus(root: Path = CGROUP_ROOT) -> Optional[float]:
     """The cgroup CPU quota in CPUs (``None``: no quota, or no cgroup files to read).
 
     cgroup v2: ``<root>/cpu.max`` holds ``"QUOTA PERIOD"`` or ``"max PERIOD"``. cgroup v1:
     ``<root>/cpu/cpu.cfs_quota_us`` (``-1``: none) over ``<root>/cpu/cpu.cfs_period_us``
     (``cpu,cpuacct`` is the same directory on most hosts)."""
-    v2 = _read(root / "cpu.max")
-    if v2 is not None:
-        parts = v2.split()
-        if len(parts) == 2 and parts[0] != "max":
-            try:
-                quota, period = int(parts[0]), int(parts[1])
-            except ValueError:
-                return None
-            return quota / period if quota > 0 and period > 0 else None
+    raw = _quota_and_period(root)
+    if raw is None:
         return None
-    for sub in ("cpu", "cpu,cpuacct"):
-        quota_s, period_s = _read(root / sub / "cpu.cfs_quota_us"), _read(root / sub / "cpu.cfs_period_us")
-        if quota_s is None or period_s is None:
-            continue
-        try:
-            quota, period = int(quota_s), int(period_s)
-        except ValueError:
-            return None
-        return quota / period if quota > 0 and period > 0 else None
-    return None
+    try:
+        quota, period = int(raw[0]), int(raw[1])
+    except ValueError:  # v2's "max": no quota
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def _from_env(environ: Optional[dict[str, str]] = None) -> Optional[int]:

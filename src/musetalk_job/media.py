@@ -749,11 +749,11 @@ class VideoWriter:
     differ from the stream's fails the job (``EngineRuntimeError``), as do decreasing dts at a
     join. ``write()`` blocks while ``segments_ahead`` (default ``workers + 1``) segments are being
     encoded; each segment's libx264 runs ``segment_threads`` threads (default
-    ``segment_threads(workers)``).
-    NVENC and the lossless codecs always use one stream (``workers == 1``).
-    ``expected_frames`` (a hint: how many frames will be written) lets the segments of the last
-    ``tail_rounds`` (default ``tail_rounds(workers)``) rounds shrink (``segment_sizes``) so that the encoders finish soon
-    after the last frame instead of one whole segment later; more or fewer frames are fine.
+    ``segment_threads(workers)``). NVENC and the lossless codecs always use one stream
+    (``workers == 1``). ``expected_frames`` (a hint: how many frames will be written) lets the
+    segments of the last ``tail_rounds`` (default ``tail_rounds(workers)``) rounds shrink
+    (``segment_sizes``) so that the encoders finish soon after the last frame instead of one whole
+    segment later; more or fewer frames are fine.
     """
 
     def __init__(

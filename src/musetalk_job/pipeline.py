@@ -33,6 +33,7 @@ encoder/ffmpeg failures), ``Cancelled`` (the ``cancel`` event was set; checked b
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -1099,17 +1100,10 @@ class Pipeline:
         return n
 
 
-_LOG_MEL_POOL: Optional[ThreadPoolExecutor] = None
-_LOG_MEL_LOCK = threading.Lock()
-
-
+@functools.lru_cache(maxsize=1)
 def _log_mel_pool() -> ThreadPoolExecutor:
     """One thread for the jobs' log-mel computations (``Pipeline.early_log_mel``)."""
-    global _LOG_MEL_POOL
-    with _LOG_MEL_LOCK:
-        if _LOG_MEL_POOL is None:
-            _LOG_MEL_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-mel")
-        return _LOG_MEL_POOL
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-mel")
 
 
 class _FrameFeed:

@@ -10,7 +10,8 @@ Contract
   at the end unless ``spec.keep_workdir``.
 - Inputs are fetched (boxes file included) and probed with ``media.probe`` (video stream
   present, audio present, duration/resolution within the spec's limits) *before* the job asks
-  for the models: an input error is reported as such even when the models are missing. ``spec.skip_existing`` with an existing output → exit 0, no work.
+  for the models: an input error is reported as such even when the models are missing.
+  ``spec.skip_existing`` with an existing output → exit 0, no work.
 - ``EngineCache(settings).get(version, fp16=None)`` loads a ``Pipeline`` once per
   (version, precision) per process; the worker shares one cache across jobs.
   ``EngineCache.warm_early()``, called by the entry points before anything imports torch, starts
