@@ -10,8 +10,8 @@ A ``veryfast`` W1 is bound by its encoder: the generate loop waits on it, and th
 encoder tail after the loop. So its wall time is about *when the first frame reaches the encoder*
 plus *750 frames at the encoder's rate inside the job*. This probe measures both, per variant
 (``NAME:ATTR=VALUE,...``: ``Pipeline`` attributes set for its jobs, e.g. ``encoder_workers``,
-``encoder_segment_threads``, ``early_log_mel``, ``upload_on_demand``; values are integers,
-``true``/``false`` or ``none``), in one process, the variants rotated over ``--rounds``:
+``encoder_segment_threads``, ``early_log_mel``, ``upload_on_demand``, ``gpu_chunk``; values are integers,
+``true``/``false`` or ``none``), in one process, the variants rotated over ``--rounds`` after one uncounted job each:
 
 - ``new``: W1 detecting its faces with DWPose (the network's real work; the boxes file's boxes,
   as ``bench.py --dwpose-w1``), no avatar cache;
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pipe.avatar_cache = None
             job("new", names[0], "warm-up")  # the first DWPose job of the process: not counted
+            for variant in names[1:]:  # a variant's own first-use costs (e.g. a chunk size's compile): not counted
+                job("new", variant, f"warm-up {variant}")
             cache = AvatarCache(work / "avatar-cache")
             pipe.avatar_cache = cache
             kinds = [k for k in args.kinds.split(",") if k]

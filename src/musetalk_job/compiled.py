@@ -536,7 +536,8 @@ def warmup(
     vae = models.vae
     p = next(models.unet.parameters())
     batches = sorted({int(b) for b in batch_sizes if int(b) > 0})
-    decodes = sorted({c for b in batches for c in decode_chunk_sizes(b, decode_chunk)})
+    # The decoder keeps the chunk sizes compiled before (another ``decode_chunk``) too.
+    decodes = sorted({c for b in batches for c in decode_chunk_sizes(b, decode_chunk)} | (vae_state.batches or set()))
     encodes = sorted({int(b) for b in encode_batches if int(b) > 0} | (vae_state.encode_batches or set()))
     if vae_state.mode != "regional":
         encodes = []
@@ -598,7 +599,8 @@ def ensure_warm(
     if state is None or not state.active or vae_state is None:
         return 0.0
     enc_ok = encode_batch is None or vae_state.mode != "regional" or int(encode_batch) in (vae_state.encode_batches or set())
-    if state.batches is not None and batch in state.batches and enc_ok:
+    dec_ok = vae_state.batches is not None and set(decode_chunk_sizes(batch, decode_chunk)) <= vae_state.batches
+    if state.batches is not None and batch in state.batches and enc_ok and dec_ok:
         return 0.0
     return warmup(
         models, sorted((state.batches or set()) | {int(batch)}), decode_chunk=decode_chunk,

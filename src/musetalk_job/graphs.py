@@ -111,7 +111,7 @@ class _Captured:
     output: torch.Tensor
 
 
-Key = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+Key = tuple[Hashable, ...]  # (the variant, when given,) then each input's (shape, dtype)
 
 
 class GraphedStep:
@@ -126,11 +126,15 @@ class GraphedStep:
         enabled: bool = True,
         context: Optional[Callable[[], Hashable]] = None,
         pool: Optional[MemoryPool] = None,
+        variant: Optional[Callable[[], Hashable]] = None,
     ) -> None:
         self.fn = fn
         # What the captured kernels depend on beyond the inputs (compiled or not, weight layout):
         # when it changes, every graph is dropped and captured again.
         self.context = context
+        # What else selects a graph, beside the inputs' shapes (the engine's chunk size): graphs of
+        # each value are kept side by side, so switching back and forth captures nothing again.
+        self.variant = variant
         self._context: Hashable = None
         self.device = torch.device(device)
         self.name = name
@@ -145,6 +149,8 @@ class GraphedStep:
         if not self.enabled:
             return self.fn(*inputs)
         key: Key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if self.variant is not None:
+            key = (self.variant(), *key)  # type: ignore[assignment]
         with self._lock:
             if self.context is not None:
                 ctx = self.context()
@@ -216,7 +222,7 @@ class GraphedStep:
         cap = _Captured(graph=graph, inputs=static, output=output)
         self._graphs[key] = cap
         self.captures += 1
-        log.debug("captured a CUDA graph for %s at %s", self.name, [k[0] for k in key])
+        log.debug("captured a CUDA graph for %s at %s", self.name, key)
         return cap
 
 

@@ -35,13 +35,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +74,22 @@ _ENCODE_BATCH_FACTOR = 2  # VAE encode runs masked+full together: half the frame
 # eager decoder 25 % slower per frame (3.20 vs 2.56 ms); 32 is the compromise (bench/README.md).
 GPU_CHUNK = 32
 CUDNN_BENCHMARK = False
+ENV_CUDNN_BENCHMARK = "MUSETALK_CUDNN_BENCHMARK"
+
+
+def cudnn_benchmark_from_env(env: Optional[Mapping[str, str]] = None) -> bool:
+    """``MUSETALK_CUDNN_BENCHMARK``: ``1``/``on`` lets cuDNN time its algorithms for each new
+    convolution shape (the engine's shapes are fixed, so ``warmup`` pays it); unset or ``0``/``off``:
+    its heuristics (``CUDNN_BENCHMARK``, the default)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_CUDNN_BENCHMARK, "").strip().lower()
+    if raw == "":
+        return CUDNN_BENCHMARK
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise SpecError(f"{ENV_CUDNN_BENCHMARK}={env.get(ENV_CUDNN_BENCHMARK)!r}: expected 1 (on) or 0 (off, the default)")
 
 
 def pingpong_indices(num_output: int, num_input: int) -> np.ndarray:
@@ -159,7 +176,9 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def auto_batch_size(device: torch.device, dtype: torch.dtype, frame_bytes: int, free_bytes: Optional[int] = None) -> int:
+def auto_batch_size(
+    device: torch.device, dtype: torch.dtype, frame_bytes: int, free_bytes: Optional[int] = None, chunk: int = GPU_CHUNK
+) -> int:
     """Batch size from free device memory (``free_bytes``, default: what CUDA reports now):
     ``(free·0.6 − chunk workspace) / per-frame bytes``, between 1 and 64; CPU: 4.
 
@@ -170,7 +189,7 @@ def auto_batch_size(device: torch.device, dtype: torch.dtype, frame_bytes: int, 
     if free_bytes is None:
         free_bytes, _total = torch.cuda.mem_get_info(device)
     scale = 2 if dtype == torch.float32 else 1
-    workspace = GPU_CHUNK * _WORKSPACE_PER_CHUNK_IMAGE_HALF * scale
+    workspace = chunk * _WORKSPACE_PER_CHUNK_IMAGE_HALF * scale
     per_frame = _BYTES_PER_FRAME_HALF * scale + 4 * frame_bytes
     return int(max(1, min(_MAX_AUTO_BATCH, (free_bytes * _FREE_MEMORY_FRACTION - workspace) // per_frame)))
 
@@ -194,6 +213,9 @@ class Pipeline:
         # first-use set-up (cuDNN plans, lazy kernel loading); on CPU there is nothing to gain.
         self.pad_batches = self.device.type == "cuda"
         self.channels_last = False
+        # Images per call of the VAE decoder and BiSeNet on CUDA (half as many crops per VAE encode
+        # call); benchmarks vary it. It sets the 256²/512² activations' workspace (see GPU_CHUNK).
+        self.gpu_chunk = GPU_CHUNK
         self.compiled = False  # torch.compile active (compiled.maybe_enable_from_env)
         # Encoder hand-off: I420 converted on the device (when the writer takes it) and the writer's
         # parallel segments (None: its own choice from the CPU count). Benchmarks switch them off
@@ -223,10 +245,12 @@ class Pipeline:
         # Both run on the main thread's stream, one after the other: they share one memory pool.
         use_graphs, pool = graphs.enabled_from_env(self.device), graphs.MemoryPool()
         self.face_step = graphs.GraphedStep(
-            self._face_step, self.device, "the UNet and VAE decode", enabled=use_graphs, context=self._graph_context, pool=pool
+            self._face_step, self.device, "the UNet and VAE decode", enabled=use_graphs, context=self._graph_context, pool=pool,
+            variant=self._graph_variant,
         )
         self.encode_step = graphs.GraphedStep(
-            self._encode_step, self.device, "the VAE encode", enabled=use_graphs, context=self._graph_context, pool=pool
+            self._encode_step, self.device, "the VAE encode", enabled=use_graphs, context=self._graph_context, pool=pool,
+            variant=self._graph_variant,
         )
 
     @classmethod
@@ -260,7 +284,7 @@ class Pipeline:
         if dev.type == "cuda":
             # Off: on an H200 cuDNN's heuristics matched the autotuned algorithms (UNet, VAE encode
             # and decode within 1-4 %, bench/README.md) while autotuning added ~5 s to the first job.
-            torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
+            torch.backends.cudnn.benchmark = cudnn_benchmark_from_env()
             # TF32 changes only fp32 matmuls, so it stays at PyTorch's default (off) for fp16/bf16
             # models. Then DWPose, which runs its fp32 matmuls with it off as official, does not flip
             # this process-wide flag around each forward pass: compiled code guards on it (dynamo's
@@ -287,7 +311,7 @@ class Pipeline:
 
         t = time.perf_counter()
         w, h = frame_size
-        batch = batch_size or auto_batch_size(self.device, self.dtype, w * h * 3)
+        batch = batch_size or auto_batch_size(self.device, self.dtype, w * h * 3, chunk=self.gpu_chunk)
         m = self.models
         latents = torch.zeros((batch, 8, LATENT_SIZE, LATENT_SIZE), device=self.device, dtype=self.dtype)
         cond = torch.zeros((batch, 50, 384), device=self.device, dtype=self.dtype)
@@ -355,7 +379,7 @@ class Pipeline:
 
     def _chunk(self, batch: int) -> int:
         """Images per call of the VAE decoder / BiSeNet for a job batch of ``batch`` (see GPU_CHUNK)."""
-        return min(batch, GPU_CHUNK) if self.device.type == "cuda" else batch
+        return min(batch, self.gpu_chunk) if self.device.type == "cuda" else batch
 
     def _ensure_compiled(self, batch: int, *, encoder: bool) -> float:
         """With compile on: the graphs for a job batch of ``batch`` (UNet, decoder chunks and, with
@@ -372,6 +396,10 @@ class Pipeline:
     def _graph_context(self) -> tuple[bool, bool]:
         """What the captured kernels depend on besides their inputs (see graphs.GraphedStep)."""
         return compiled.is_enabled(self.models), self.channels_last
+
+    def _graph_variant(self) -> int:
+        """What selects among the steps' graphs besides the input shapes: the chunk size."""
+        return self.gpu_chunk
 
     @property
     def cuda_graphs(self) -> bool:
@@ -551,7 +579,7 @@ class Pipeline:
         face_idx = [j for j, b in enumerate(used_boxes) if b is not None]
         face_rows = np.full(n_used, -1, dtype=np.int64)
         face_rows[face_idx] = np.arange(len(face_idx))
-        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
+        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes, chunk=self.gpu_chunk)
         mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
 
         masks = MaskStream(n_used)
@@ -940,7 +968,7 @@ class Pipeline:
             if progress is not None:
                 progress("audio", num_out, num_out)
 
-            batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes)
+            batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes, chunk=self.gpu_chunk)
             h, w = frames.shape[1], frames.shape[2]
             output.parent.mkdir(parents=True, exist_ok=True)
             try:
