@@ -228,3 +228,17 @@ def test_encoder_w1_probe_times_the_first_frame_per_variant(bench_dirs: dict[str
         assert r["stage_seconds"]["latents"] == 0 if key.startswith("repeat") else r["stage_seconds"]["latents"] > 0
     # the switch changes no byte of the output
     assert len({h for s in d["summary"].values() for h in s["hashes"]}) == 1
+
+
+def test_kernel_probe_times_the_gpu_steps_per_chunk(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
+    d = _probe("kernel_probe.py", tmp_path / "k.json", "--device", "cpu", "--size", "tiny", "--models", str(bench_dirs["models"]),
+               "--media", str(bench_dirs["media"]), "--chunks", "2,4", "--batch", "4", "--reps", "1",
+               "--save-faces", str(tmp_path / "faces"))
+    assert d["cudnn_benchmark"] is False and [r["chunk"] for r in d["chunks"]] == [2, 4]
+    for r in d["chunks"]:
+        assert r["face_ms_per_frame"] > 0 and r["encode_ms_per_crop"] > 0 and r["parse_ms_per_image"] > 0, r
+        assert r["face_diff_vs_first"] == 0  # on the CPU the chunk is the whole batch: the same call
+    cmp = subprocess.run([sys.executable, str(ROOT / "bench" / "probes" / "kernel_probe.py"), "--compare",
+                          str(tmp_path / "faces" / "faces-2.npy"), str(tmp_path / "faces" / "faces-4.npy")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
+    assert json.loads(cmp.stdout) == {"max_diff": 0, "share_differing": 0.0, "pixels": 4 * 256 * 256 * 3}

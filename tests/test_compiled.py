@@ -149,6 +149,22 @@ def test_frozen_shapes_pad_or_run_eagerly(models: Any, mode: str) -> None:
     assert all(getattr(mod, "_compiled_call_impl", None) is None for mod in models.vae.modules())
 
 
+def test_a_new_decode_chunk_is_warmed_and_the_old_one_kept(models: Any) -> None:
+    """``Pipeline.gpu_chunk`` changes the decoder's call size: ``ensure_warm`` at a batch already
+    compiled still compiles the new chunk (not run eagerly or padded), keeping the chunk before."""
+    lat, cond, ts = _inputs(4)
+    ref = _hot(models, lat, cond, ts, chunk=4)[1]
+    assert compiled.enable(models, "regional", backend="eager")
+    compiled.ensure_warm(models, 4, decode_chunk=2)
+    assert compiled._state(models.vae).batches == {2}
+    assert compiled.ensure_warm(models, 4, decode_chunk=4) > 0  # the UNet's batch is warm, the chunk is not
+    assert compiled._state(models.vae).batches == {2, 4} and compiled._state(models.unet).batches == {4}
+    graphs = _graphs()
+    assert compiled.ensure_warm(models, 4, decode_chunk=4) == 0.0 and compiled.ensure_warm(models, 4, decode_chunk=2) == 0.0
+    assert (_hot(models, lat, cond, ts, chunk=4)[1].int() - ref.int()).abs().max() <= 1
+    assert _graphs() == graphs, "a warmed chunk compiled again"
+
+
 def test_regional_encoder_frozen_shapes_pad_or_run_eagerly(models: Any) -> None:
     from musetalk_job.latents import encode_faces
 

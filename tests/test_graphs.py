@@ -176,6 +176,40 @@ def test_steps_sharing_a_pool_capture_again_after_both_were_reset() -> None:
 
 
 @cuda
+def test_variants_keep_their_graphs_side_by_side() -> None:
+    dev = torch.device("cuda")
+    net = _mlp(dev)
+    sel = {"v": 1}
+    step = graphs.GraphedStep(lambda x: net(x) * sel["v"], dev, "mlp", variant=lambda: sel["v"])
+    with torch.inference_mode():
+        x = torch.randn(4, 16, device=dev)
+        assert torch.equal(step(x), net(x))
+        sel["v"] = 2  # same input shape, another variant: its own graph, the first one kept
+        assert torch.equal(step(x), net(x) * 2) and step.captures == 2
+        sel["v"] = 1
+        assert torch.equal(step(x), net(x)) and step.captures == 2  # replayed, not captured again
+        assert len(step.shapes) == 2
+
+
+@cuda
+def test_pipeline_graphs_per_chunk_size_give_the_eager_frames(tiny_models_dir: Path) -> None:
+    from musetalk_job.pipeline import Pipeline
+
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn((4, 8, 32, 32), generator=g).to("cuda", torch.float16)
+    cond = torch.randn((4, 50, 384), generator=g).to("cuda", torch.float16)
+    with torch.inference_mode():
+        for chunk in (2, 4, 2):  # Pipeline.gpu_chunk: the decoder's images per call
+            pipe.gpu_chunk = chunk
+            pipe.cuda_graphs = False
+            want = pipe.face_step(latents, cond)
+            pipe.cuda_graphs = True
+            assert torch.equal(pipe.face_step(latents, cond), want), chunk
+    assert pipe.face_step.captures == 2  # chunk 2's graph was kept while chunk 4 ran
+
+
+@cuda
 def test_pipeline_graphs_give_the_eager_frames(tiny_models_dir: Path) -> None:
     from musetalk_job.pipeline import Pipeline
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """The engine's GPU steps per chunk size, as the process's cuDNN setting runs them.
 
-    MUSETALK_CUDNN_BENCHMARK=0 python bench/probes/kernel_probe.py --compile regional --chunks 32,64 --out off.json  # H200
-    MUSETALK_CUDNN_BENCHMARK=1 python bench/probes/kernel_probe.py --compile regional --chunks 32,64 --out on.json
+    python bench/probes/kernel_probe.py --compile regional --chunks 32,64 --out off.json                        # H200
+    python bench/probes/kernel_probe.py --compile regional --chunks 32,64 --cudnn-benchmark 1 --out on.json
     python bench/probes/kernel_probe.py --device cpu --size tiny --models /tmp/tiny --chunks 2,4 --batch 4 \\
         --reps 1 --out k.json                                                                          # smoke
 
 cuDNN caches the algorithm it picked per convolution shape for the life of the process, whatever
 ``torch.backends.cudnn.benchmark`` says later, so heuristics against autotuning is a comparison
-of two processes (``MUSETALK_CUDNN_BENCHMARK``, read when the pipeline loads); the chunk size
+of two processes (``--cudnn-benchmark``: ``pipeline.CUDNN_BENCHMARK``, which the pipeline sets when
+it loads; the engine's is off); the chunk size
 (``Pipeline.gpu_chunk``: images per VAE decoder / BiSeNet call, half as many crops per VAE encode
 call) is compared inside one. Per chunk, at the job batch (``--batch``, default the auto batch):
 
@@ -86,9 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=0, help="job batch (default: the auto batch)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--save-faces", type=Path, default=None)
+    p.add_argument("--cudnn-benchmark", type=int, default=0, choices=(0, 1), help="cuDNN autotuning for this process")
     args = p.parse_args(argv)
 
     import torch
+
+    from musetalk_job import pipeline
+
+    pipeline.CUDNN_BENCHMARK = bool(args.cudnn_benchmark)  # read by Pipeline.from_models_dir
 
     from musetalk_job.latents import FACE_SIZE, LATENT_SIZE
     from musetalk_job.pipeline import auto_batch_size

@@ -226,7 +226,6 @@ OTHER_KNOWN_ENV = frozenset(
         "MUSETALK_COMPILE_CACHE",
         "MUSETALK_ENCODER_WORKERS",  # engine: media.VideoWriter
         "MUSETALK_CPUS",  # engine: cpus.usable_cpus (thread pools)
-        "MUSETALK_CUDNN_BENCHMARK",  # engine: pipeline.cudnn_benchmark_from_env
         "MUSETALK_X264_AVX512",  # engine: media.x264_cpu_options
         "MUSETALK_CUDA_GRAPHS",  # engine: graphs.py (docs/cuda-graphs.md)
         "MUSETALK_DEFER_IMPORTS",  # models.lazy_packages

@@ -35,14 +35,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,22 +73,6 @@ _ENCODE_BATCH_FACTOR = 2  # VAE encode runs masked+full together: half the frame
 # eager decoder 25 % slower per frame (3.20 vs 2.56 ms); 32 is the compromise (bench/README.md).
 GPU_CHUNK = 32
 CUDNN_BENCHMARK = False
-ENV_CUDNN_BENCHMARK = "MUSETALK_CUDNN_BENCHMARK"
-
-
-def cudnn_benchmark_from_env(env: Optional[Mapping[str, str]] = None) -> bool:
-    """``MUSETALK_CUDNN_BENCHMARK``: ``1``/``on`` lets cuDNN time its algorithms for each new
-    convolution shape (the engine's shapes are fixed, so ``warmup`` pays it); unset or ``0``/``off``:
-    its heuristics (``CUDNN_BENCHMARK``, the default)."""
-    env = os.environ if env is None else env
-    raw = env.get(ENV_CUDNN_BENCHMARK, "").strip().lower()
-    if raw == "":
-        return CUDNN_BENCHMARK
-    if raw in ("1", "true", "on", "yes"):
-        return True
-    if raw in ("0", "false", "off", "no"):
-        return False
-    raise SpecError(f"{ENV_CUDNN_BENCHMARK}={env.get(ENV_CUDNN_BENCHMARK)!r}: expected 1 (on) or 0 (off, the default)")
 
 
 def pingpong_indices(num_output: int, num_input: int) -> np.ndarray:
@@ -284,7 +267,7 @@ class Pipeline:
         if dev.type == "cuda":
             # Off: on an H200 cuDNN's heuristics matched the autotuned algorithms (UNet, VAE encode
             # and decode within 1-4 %, bench/README.md) while autotuning added ~5 s to the first job.
-            torch.backends.cudnn.benchmark = cudnn_benchmark_from_env()
+            torch.backends.cudnn.benchmark = CUDNN_BENCHMARK
             # TF32 changes only fp32 matmuls, so it stays at PyTorch's default (off) for fp16/bf16
             # models. Then DWPose, which runs its fp32 matmuls with it off as official, does not flip
             # this process-wide flag around each forward pass: compiled code guards on it (dynamo's
