@@ -189,6 +189,9 @@ def test_gpu_timeline_busy_idle_and_streams_from_a_trace() -> None:
     assert s["idle_gaps_count"]["1-10ms"] == 1 and s["idle_gaps_count"]["<10us"] == 1
     assert s["streams"]["7"]["events"] == 3 and s["streams"]["13"]["seconds"] == 0.0001
     assert s["top_kernels"][0] == {"name": "conv", "calls": 2, "seconds": 0.0002}
+    assert s["busy_per_100ms"] == [0.002]  # the whole 1.21 ms window falls in the first 100 ms bin
+    # 150 µs busy in the first 100 µs bin, none in the next, 50 of the third's 100 µs, split at bin edges
+    assert tl.busy_per_bin([(0, 100), (50, 150), (250, 300)], 0, 300, width=100) == [1.0, 0.5, 0.5, 0.0]
 
 
 def test_first_job_probe_compares_start_ups_with_and_without_the_warm_up_job(bench_dirs: dict[str, Path], report: dict,

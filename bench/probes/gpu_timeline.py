@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Where the GPU's time goes during one W1 job: busy, idle, and per CUDA stream.
 
-    python bench/probes/gpu_timeline.py --out timeline.json [--compile regional] [--preset veryfast]
+    python bench/probes/gpu_timeline.py --out timeline.json [--compile regional] [--preset veryfast] [--dwpose 1]
 
 Writes full-size random weights when missing (as ``bench.py``), loads the pipeline, compiles it
 when asked, runs W1 once to warm up, then runs it again under ``torch.profiler`` and reads the
 kernel events of its Chrome trace:
 
 - ``window``: from the first to the last GPU kernel of the job; ``busy_s`` is the union of every
-  kernel's interval (any stream), ``idle_s`` the rest; ``idle_gaps`` counts the gaps by length.
+  kernel's interval (any stream), ``idle_s`` the rest; ``idle_gaps`` counts the gaps by length;
+  ``busy_per_100ms`` the busy share of each 100 ms of it (where in the job the GPU waits).
 - ``streams``: kernel seconds and kernel count per stream (the engine's main stream, the blend
   masks' side stream, the colour conversion's), with each stream's first and last kernel.
 - ``top_kernels``: the kernels with the most device time (name, calls, seconds).
@@ -20,6 +21,7 @@ job's wall time (``wall_s`` is reported for reference).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -53,6 +55,25 @@ def union_busy(intervals: list[tuple[float, float]]) -> tuple[float, list[float]
     return busy, gaps
 
 
+def busy_per_bin(intervals: list[tuple[float, float]], t0: float, t1: float, width: float = 1e5) -> list[float]:
+    """The share of each ``width`` µs bin of ``[t0, t1]`` (default 100 ms) in which some kernel ran."""
+    n = max(1, int((t1 - t0) // width) + 1)
+    busy = [0.0] * n
+    merged: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    for a, b in merged:
+        while a < b:
+            k = int((a - t0) // width)
+            edge = min(b, t0 + (k + 1) * width)
+            busy[k] += edge - a
+            a = edge
+    return [round(min(1.0, x / width), 3) for x in busy]
+
+
 def summarize(events: list[dict[str, Any]], top: int = 25) -> dict[str, Any]:
     if not events:
         return {"error": "no GPU events in the trace"}
@@ -84,6 +105,7 @@ def summarize(events: list[dict[str, Any]], top: int = 25) -> dict[str, Any]:
         "idle_s": round((t1 - t0 - busy) / 1e6, 6),
         "idle_gaps_seconds": {k: round(v, 4) for k, v in buckets.items()},
         "idle_gaps_count": counts,
+        "busy_per_100ms": busy_per_bin(iv, t0, t1),
         "streams": {k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in per_stream.items()},
         "top_kernels": [{"name": k, "calls": int(v["calls"]), "seconds": round(v["seconds"], 4)} for k, v in names],
     }
@@ -95,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     B.probe_arguments(p)
     p.add_argument("--preset", default="veryfast")
+    p.add_argument("--dwpose", type=int, default=0, choices=(0, 1),
+                   help="detect the faces with DWPose (the boxes file's boxes, as bench.py --dwpose-w1) instead of reading them")
     args = p.parse_args(argv)
 
     import torch
@@ -104,11 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **info, "preset": args.preset,
                               "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if cuda else "cpu"}
-    B.w1_run(pipe, video, audio, boxes, work, "warm-up", preset=args.preset)
-    report["plain_run"] = B.w1_run(pipe, video, audio, boxes, work, "plain", preset=args.preset)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        run = B.w1_run(pipe, video, audio, boxes, work, "profiled", preset=args.preset)
+    report["landmarks"] = "dwpose" if args.dwpose else "boxes file"
+    job_args: dict[str, Any] = {"preset": args.preset}
+    with contextlib.ExitStack() as stack:
+        if args.dwpose:
+            from musetalk_job.landmarks.dwpose import DWPoseDetector
+
+            pipe.detector("dwpose").warmup()
+            stack.enter_context(B.patched(DWPoseDetector, "detect", B.dwpose_known_boxes(video, boxes)))
+            job_args["landmarks"], boxes = "dwpose", None
+        B.w1_run(pipe, video, audio, boxes, work, "warm-up", **job_args)
+        report["plain_run"] = B.w1_run(pipe, video, audio, boxes, work, "plain", **job_args)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            run = B.w1_run(pipe, video, audio, boxes, work, "profiled", **job_args)
     report["profiled_run"] = {k: run[k] for k in ("wall_s", "output_fps", "stage_seconds", "detail")}
     trace_path = work / "trace.json"
     prof.export_chrome_trace(str(trace_path))
