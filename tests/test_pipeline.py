@@ -526,42 +526,6 @@ def test_a_cache_hit_on_a_file_that_breaks_its_header_renders_again(pipe, face_v
     np.testing.assert_array_equal(_read(hit.output), _read(miss.output))
 
 
-def test_faces_prepared_beside_the_landmarks_give_the_same_video(pipe, face_video, speech_wav, frames_in, tmp_path,
-                                                                   monkeypatch) -> None:
-    """DWPose works through the frames as they decode; by default each piece's faces are
-    VAE-encoded and their masks started as soon as it has their boxes. Against preparing them
-    after all the landmarks: the same lossless video, with the work done piece by piece."""
-    from musetalk_job import pipeline as pl
-    from musetalk_job.landmarks.dwpose import DWPoseDetector
-
-    frames, _ = frames_in
-    h, w = frames.shape[1:3]
-    box = (w // 3, h // 6, w // 3 + w // 4, h // 6 + h // 3)
-
-    def detect(self, frames, *, bbox_shift=0, batch_size=None, progress=None):  # the network runs; a known box
-        self.keypoints(frames, batch_size=batch_size, progress=progress)
-        return [box] * len(frames)
-
-    monkeypatch.setattr(DWPoseDetector, "detect", detect)
-    pieces: list[tuple[int, int, int]] = []  # (first frame, last frame + 1, latent chunks encoded so far)
-    real_add = pl._PrepareAhead.add
-
-    def add(self, a, b, raw):
-        real_add(self, a, b, raw)
-        pieces.append((a, b, len(self.parts)))
-
-    monkeypatch.setattr(pl._PrepareAhead, "add", add)
-    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.6)  # 15 frames
-    opts = EngineOptions(landmarks="dwpose", codec="ffv1", batch_size=4)
-    ahead = _run_with(pipe, "prepare_with_landmarks", True, face_video, short, tmp_path / "ahead.mkv", opts)
-    assert [p[:2] for p in pieces] == [(0, 4), (4, 8), (8, 12), (12, 15)]  # DWPose's CPU batches of 4
-    assert pieces[1][2] >= 2  # faces were encoded while the landmarks went on
-    n_pieces = len(pieces)
-    after = _run_with(pipe, "prepare_with_landmarks", False, face_video, short, tmp_path / "after.mkv", opts)
-    assert len(pieces) == n_pieces
-    np.testing.assert_array_equal(ahead, after)
-
-
 def test_warmup_runs_every_model_at_job_shapes(pipe) -> None:
     det = pipe.detector("dwpose")  # loaded detectors are warmed at their batch shape too
     shapes: list[int] = []

@@ -35,14 +35,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -219,10 +218,6 @@ class Pipeline:
         # The audio's log-mel (CPU) is computed on a thread from the decode on, so the audio stage
         # after the preparation only runs the Whisper encoder (False: all of it there).
         self.early_log_mel = True
-        # With a detector that works through the frames as they decode (DWPose), each piece's faces
-        # are VAE-encoded and their blend masks started as soon as it has their boxes, instead of
-        # after all the landmarks (False). Same chunks, same latents and masks.
-        self.prepare_with_landmarks = True
         # The generate loop uploads the input frames a batch's worth at a time, as it needs them
         # (False: every used frame in one copy before the first batch).
         self.upload_on_demand = True
@@ -489,11 +484,8 @@ class Pipeline:
         progress: Optional[ProgressFn],
         fps: float,
         ready: Optional[Callable[[int], None]] = None,
-        on_piece: Optional[Callable[[int, int, list[Optional[Box]]], None]] = None,
     ) -> list[Optional[Box]]:
-        """Face boxes (before extra_margin) for every input frame; frames past ``n_analyse`` → None.
-        ``on_piece(a, b, boxes)``: the detected boxes of ``frames[a:b]`` as each piece is done (only
-        when detecting, unsmoothed; see ``detect_boxes``)."""
+        """Face boxes (before extra_margin) for every input frame; frames past ``n_analyse`` → None."""
         from .landmarks import boxes as boxmod
 
         n, h, w = frames.shape[0], frames.shape[1], frames.shape[2]
@@ -512,7 +504,6 @@ class Pipeline:
                     bbox_shift=bbox_shift,
                     progress=progress,
                     ready=ready,  # DWPose works through the frames as they decode
-                    on_piece=on_piece,
                 )
             )
             raw += [None] * (n - len(raw))
@@ -557,38 +548,25 @@ class Pipeline:
         n = int(frames.shape[0])
         n_used = n if n_used is None else max(1, min(n_used, n))
         n_analyse = n if options.save_boxes is not None else n_used
-        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes, chunk=self.gpu_chunk)
-        mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
-        masks = MaskStream(n_used)
-        ahead: Optional[_PrepareAhead] = None
-        if (self.prepare_with_landmarks and ready is not None and options.boxes_file is None and not options.smooth_boxes
-                and getattr(self.detector(options.landmarks), "independent_frames", False)):
-            self._ensure_compiled(batch, encoder=True)
-            ahead = _PrepareAhead(self, frames, n_used, options, self._encode_batch(batch), masks)
-            self._start_masks(masks, frames[:n_used], ahead.mask_pieces(), mode, options, batch, ready)
-        try:
-            with st.stage("landmarks"):
-                boxes = self._boxes(frames, n_analyse, options, progress, fps, ready, None if ahead is None else ahead.add)
-            if ahead is not None:
-                ahead.end_of_pieces()
-            if not any(b is not None for b in boxes[:n_used]):
-                hint = "try landmarks=cascade or a boxes file" if options.boxes_file is None else "check the boxes file"
-                raise InputMediaError(
-                    f"no face found in any frame of {source} (frames 0..{n_used - 1} checked); "
-                    f"use a video with a clearly visible frontal face, or {hint}"
-                )
-            _check_cancel(cancel)
-        except BaseException:
-            masks.close()
-            raise
+        with st.stage("landmarks"):
+            boxes = self._boxes(frames, n_analyse, options, progress, fps, ready)
+        if not any(b is not None for b in boxes[:n_used]):
+            hint = "try landmarks=cascade or a boxes file" if options.boxes_file is None else "check the boxes file"
+            raise InputMediaError(
+                f"no face found in any frame of {source} (frames 0..{n_used - 1} checked); "
+                f"use a video with a clearly visible frontal face, or {hint}"
+            )
+        _check_cancel(cancel)
 
         used_boxes = self._blend_boxes(boxes[:n_used], frames.shape[1], options)
         face_idx = [j for j, b in enumerate(used_boxes) if b is not None]
         face_rows = np.full(n_used, -1, dtype=np.int64)
         face_rows[face_idx] = np.arange(len(face_idx))
+        batch = options.batch_size or auto_batch_size(self.device, self.dtype, frames[0].nbytes, chunk=self.gpu_chunk)
+        mode = options.parsing_mode if self.version == "v15" else "raw"  # v1 blends with the raw parsing mask
 
-        if ahead is None:
-            self._start_masks(masks, frames[:n_used], [(0, used_boxes)], mode, options, batch, ready)
+        masks = MaskStream(n_used)
+        self._start_masks(masks, frames[:n_used], used_boxes, mode, options, batch, ready)
         try:
             # The blend masks (BiSeNet on a side stream, then CPU crops, resizes, morphology) are
             # made in a background thread while this one crops and VAE-encodes, and on into the
@@ -596,13 +574,11 @@ class Pipeline:
             with st.stage("latents"):
                 # With compile on, the encoder's graphs are built (or loaded) here, once per process.
                 self._ensure_compiled(batch, encoder=True)
-                latents = None if ahead is None else ahead.finish(face_idx, used_boxes)
-                if latents is None:
-                    latents = self._with_oom_retry(
-                        lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b, ready),
-                        self._encode_batch(batch),
-                        "VAE encode",
-                    )
+                latents = self._with_oom_retry(
+                    lambda b: self._encode_crops(frames, [used_boxes[j] for j in face_idx], face_idx, b, ready),
+                    self._encode_batch(batch),
+                    "VAE encode",
+                )
                 if progress is not None:
                     progress("latents", len(face_idx), len(face_idx))
             _check_cancel(cancel)
@@ -628,15 +604,13 @@ class Pipeline:
         self,
         masks: MaskStream,
         frames: np.ndarray,
-        pieces: Iterable[tuple[int, list[Optional[Box]]]],
+        boxes: list[Optional[Box]],
         mode: str,
         options: EngineOptions,
         batch: int,
         ready: Optional[Callable[[int], None]] = None,
     ) -> None:
-        """Make the blend masks in a background thread, publishing each chunk into ``masks``.
-        ``pieces``: ``(a, boxes)`` for ``frames[a : a + len(boxes)]``, in order (the whole video at
-        once, or the pieces the landmark detector hands over as it goes)."""
+        """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
         from .blending import prepare_masks
 
         side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -644,16 +618,12 @@ class Pipeline:
         def work() -> None:
             try:
                 with torch.inference_mode(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
-                    for a, boxes in pieces:
-                        prepare_masks(
-                            frames[a : a + len(boxes)], boxes, self.models.bisenet, mode=mode,
-                            left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
-                            device=self.device, batch_size=self._chunk(batch), stop=masks.stop, pad=self.pad_batches,
-                            on_ready=masks.publish if a == 0 else lambda got, a=a: masks.publish({a + i: m for i, m in got.items()}),
-                            frames_ready=None if ready is None else (ready if a == 0 else lambda k, a=a: ready(a + k)),
-                        )
-                        if masks.stop.is_set():
-                            return
+                    prepare_masks(
+                        frames, boxes, self.models.bisenet, mode=mode,
+                        left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
+                        device=self.device, batch_size=self._chunk(batch), on_ready=masks.publish, stop=masks.stop,
+                        frames_ready=ready, pad=self.pad_batches,
+                    )
                 if not masks.done and not masks.stop.is_set():
                     raise EngineRuntimeError("blend masks: the mask thread ended without making every mask")
             except JobError as exc:  # handed to the reader: generate raises it
@@ -1139,80 +1109,6 @@ class Pipeline:
                 f"{fps:.3f} fps; use at least {1 / fps:.3f} s of audio"
             )
         return n
-
-
-class _PrepareAhead:
-    """A video's faces prepared while its landmarks are detected (``on_piece`` of ``detect_boxes``):
-    each piece's blend masks are handed to the mask thread (``mask_pieces``), and each time
-    ``batch`` more faces have their boxes they are cropped and VAE-encoded in the chunks
-    ``Pipeline._encode_crops`` would use, so the latents are the same. After running out of GPU
-    memory the encoding stops (its work is dropped) and ``finish`` returns None: the caller then
-    encodes the usual way, with its batch-halving retry."""
-
-    def __init__(self, pipe: "Pipeline", frames: np.ndarray, n_used: int, options: EngineOptions, batch: int,
-                 masks: MaskStream) -> None:
-        self.pipe, self.frames, self.n_used, self.options, self.batch, self.masks = pipe, frames, n_used, options, batch, masks
-        self.rows: list[int] = []
-        self.boxes: list[Box] = []
-        self.parts: list[torch.Tensor] = []
-        self.encoded = 0
-        self.failed = False
-        self._pieces: "queue.Queue[Optional[tuple[int, list[Optional[Box]]]]]" = queue.Queue()
-
-    def add(self, a: int, b: int, raw: list[Optional[Box]]) -> None:
-        h, w = self.frames.shape[1], self.frames.shape[2]
-        stop = min(b, self.n_used)
-        if a >= stop:
-            return
-        used = self.pipe._blend_boxes([_clip_box(r, w, h) for r in raw[: stop - a]], h, self.options)  # as prepare_video
-        self._pieces.put((a, used))
-        for i, box in enumerate(used):
-            if box is not None:
-                self.rows.append(a + i)
-                self.boxes.append(box)
-        while len(self.rows) - self.encoded >= self.batch:
-            self._encode(self.encoded + self.batch)
-
-    def end_of_pieces(self) -> None:
-        self._pieces.put(None)
-
-    def mask_pieces(self) -> Iterator[tuple[int, list[Optional[Box]]]]:
-        """The pieces for ``Pipeline._start_masks``, as they come; ends at ``end_of_pieces`` or
-        when the job stops the mask thread."""
-        while True:
-            try:
-                item = self._pieces.get(timeout=0.5)
-            except queue.Empty:
-                if self.masks.stop.is_set():
-                    return
-                continue
-            if item is None:
-                return
-            yield item
-
-    def finish(self, rows: list[int], used_boxes: list[Optional[Box]]) -> Optional[torch.Tensor]:
-        """The latents of ``rows`` (the faces ``prepare_video`` found), or None (see the class)."""
-        if self.encoded < len(self.rows):
-            self._encode(len(self.rows))
-        if self.failed or self.rows != rows or self.boxes != [used_boxes[j] for j in rows] or not self.parts:
-            return None
-        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
-
-    def _encode(self, stop: int) -> None:
-        start, self.encoded = self.encoded, stop
-        if self.failed:
-            return
-        try:
-            crops = torch.from_numpy(crop_faces([self.frames[j] for j in self.rows[start:stop]], self.boxes[start:stop]))
-            if self.pipe.device.type == "cuda":
-                crops = crops.pin_memory()
-            self.parts.append(encode_faces(self.pipe.models.vae, crops, self.batch, pad=self.pipe.pad_batches,
-                                           encode=self.pipe.encode_step))
-        except torch.cuda.OutOfMemoryError:
-            self.failed = True
-            self.parts.clear()
-            self.pipe.drop_cuda_graphs()
-            log.warning("out of GPU memory encoding faces beside the landmarks; encoding them after the landmarks")
 
 
 @functools.lru_cache(maxsize=1)

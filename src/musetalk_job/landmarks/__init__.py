@@ -6,15 +6,14 @@ Contract:
   ``<models_dir>/dwpose/dw-ll_ucoco_384.pth`` (missing/corrupt → ``ModelsError`` naming the file
   and the ``cascade`` option; never a silent fallback); ``"cascade"`` needs no weights.
 * ``detect_boxes(frames [N,H,W,3] RGB uint8, *, backend, detector=None, bbox_shift=0,
-  batch_size=None, progress=None, ready=None, on_piece=None) -> list[box | None]``: one box per given frame
+  batch_size=None, progress=None, ready=None) -> list[box | None]``: one box per given frame
   (callers pass the distinct input frames once; boxes are reused for every output frame that
   shows that input frame). A frame identical to its predecessor is not analysed again: it gets
   the same box. ``progress("landmarks", done, total)`` after each batch (total = frames
   analysed). ``ready(k)``, when given, blocks until ``frames[:k]`` hold their pixels (a video
   still decoding): a detector whose frames are analysed independently
   (``independent_frames``, DWPose) then works through the frames a batch at a time as they
-  arrive, with the same result; any other waits for all of them. ``on_piece(a, b, boxes)`` gets
-  each piece's boxes as soon as they are known (the engine prepares those faces meanwhile).
+  arrive, with the same result; any other waits for all of them.
 * Boxes are ``(x1, y1, x2, y2)`` Python ints before ``extra_margin``; ``None`` = no face, and the
   engine passes such frames through unchanged.
 
@@ -85,11 +84,8 @@ def detect_boxes(
     batch_size: Optional[int] = None,
     progress: Optional[Callable[[str, int, int], None]] = None,
     ready: Optional[Callable[[int], None]] = None,
-    on_piece: Optional[Callable[[int, int, "list[Optional[Box]]"], None]] = None,
 ) -> "list[Optional[Box]]":
-    """One face box (or None) per frame of ``frames`` [N,H,W,3] RGB uint8. ``on_piece(a, b, boxes)``
-    is called with the boxes of ``frames[a:b]`` as each piece is done (the frames in ascending
-    pieces: one piece, or a batch at a time when the frames are still decoding, see ``ready``)."""
+    """One face box (or None) per frame of ``frames`` [N,H,W,3] RGB uint8."""
     import numpy as np
 
     arr = np.asarray(frames)
@@ -127,8 +123,6 @@ def detect_boxes(
             if j + 1 < len(keep) and keep[j + 1] == i:
                 j += 1
             out.append(found[j] if j >= 0 else out[-1])
-        if on_piece is not None:
-            on_piece(a, b, out[a:b])
     return out
 
 
