@@ -191,14 +191,20 @@ def test_variants_keep_their_graphs_side_by_side() -> None:
         assert len(step.shapes) == 2
 
 
-@cuda
-def test_pipeline_graphs_per_chunk_size_give_the_eager_frames(tiny_models_dir: Path) -> None:
+def _pipe_and_face_inputs(models_dir: Path, seed: int) -> tuple:
+    """A CUDA fp16 pipeline, a seeded CPU generator, and UNet inputs for 4 frames."""
     from musetalk_job.pipeline import Pipeline
 
-    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
-    g = torch.Generator().manual_seed(1)
+    pipe = Pipeline.from_models_dir(models_dir, device="cuda", dtype="fp16")
+    g = torch.Generator().manual_seed(seed)
     latents = torch.randn((4, 8, 32, 32), generator=g).to("cuda", torch.float16)
     cond = torch.randn((4, 50, 384), generator=g).to("cuda", torch.float16)
+    return pipe, g, latents, cond
+
+
+@cuda
+def test_pipeline_graphs_per_chunk_size_give_the_eager_frames(tiny_models_dir: Path) -> None:
+    pipe, _g, latents, cond = _pipe_and_face_inputs(tiny_models_dir, 1)
     with torch.inference_mode():
         for chunk in (2, 4, 2):  # Pipeline.gpu_chunk: the decoder's images per call
             pipe.gpu_chunk = chunk
@@ -211,12 +217,7 @@ def test_pipeline_graphs_per_chunk_size_give_the_eager_frames(tiny_models_dir: P
 
 @cuda
 def test_pipeline_graphs_give_the_eager_frames(tiny_models_dir: Path) -> None:
-    from musetalk_job.pipeline import Pipeline
-
-    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn((4, 8, 32, 32), generator=g).to("cuda", torch.float16)
-    cond = torch.randn((4, 50, 384), generator=g).to("cuda", torch.float16)
+    pipe, g, latents, cond = _pipe_and_face_inputs(tiny_models_dir, 0)
     crops = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8, generator=g).to("cuda")
     with torch.inference_mode():
         pipe.cuda_graphs = False

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench as b  # noqa: E402 - bench/bench.py: probe_arguments, probe_setup
+import compile_bench  # noqa: E402 - bench/compile_bench.py: time_cuda
 import report  # noqa: E402 - bench/probes/report.py, beside this script
 
 
@@ -51,22 +52,14 @@ def _log(msg: str) -> None:
 
 def device_ms(fn: Callable[[], Any], device: Any, reps: int) -> float:
     """Median milliseconds of ``fn`` over ``reps`` calls (CUDA events on CUDA; wall time on CPU)."""
-    import torch
-
-    fn()  # the call after a set-up is not the steady state
+    if device.type == "cuda":
+        return float(compile_bench.time_cuda(fn, reps, warm=1))  # the call after a set-up is not the steady state
+    fn()
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            z.record()
-            z.synchronize()
-            times.append(a.elapsed_time(z))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
     return float(np.median(times))
 
 
