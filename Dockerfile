@@ -49,7 +49,7 @@ RUN set -eu; \
 # The project with every storage backend (the install command of the README, without test extras;
 # torch comes from the base image and satisfies the requirement).
 WORKDIR /opt/musetalk/src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
 RUN python -m pip install -q --upgrade pip \
  && python -m pip install -q . \
