@@ -604,6 +604,28 @@ def test_write_i420_errors(tmp_path):
     lossless.abort()
 
 
+def test_streamed_segments_write_the_bytes_of_whole_segments_and_encode_while_filling(tmp_path):
+    import time
+
+    frames = _smooth_frames(47, 64, 48)
+    packets = {}
+    for streamed in (True, False):
+        out = tmp_path / f"s{int(streamed)}.mp4"
+        with media.VideoWriter(out, width=64, height=48, fps=25, workers=3, segment_frames=10, expected_frames=47,
+                               tail_rounds=2, stream_segments=streamed) as w:
+            w.write(frames[:25])
+            if streamed:  # the third segment is open with 5 frames: its encoder has taken them already
+                assert w._seg_count == 5
+                deadline = time.monotonic() + 10
+                while w._seg_feed.qsize() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert w._seg_feed.qsize() == 0
+            w.write(frames[25:])
+        packets[streamed] = (w.segment_sizes, _packets(out))
+    assert packets[True][0] == packets[False][0] == [10, 10, 10, 10, 7]
+    assert packets[True][1] == packets[False][1]  # same segments, same libx264 options: the same packets
+
+
 def test_segmented_writer_abort_removes_the_file_and_stops_threads(tmp_path):
     import threading
 

@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
 
 import av
 import numpy as np
@@ -689,6 +689,8 @@ DEFAULT_SEGMENT_FRAMES = 50
 # The shortest segment the tail schedule (VideoWriter ``expected_frames``) makes: each segment
 # costs an IDR frame, so the tail stops shrinking here.
 MIN_TAIL_SEGMENT = 12
+# A streamed segment's encoder gives up after this long without a frame (a writer never closed).
+SEGMENT_IDLE_S = 600.0
 
 
 # Segment encoders and their threads: half as many encoders as CPUs (at most 8), each running
@@ -753,7 +755,10 @@ class VideoWriter:
     (``workers == 1``). ``expected_frames`` (a hint: how many frames will be written) lets the
     segments of the last ``tail_rounds`` (default ``tail_rounds(workers)``) rounds shrink
     (``segment_sizes``) so that the encoders finish soon after the last frame instead of one whole
-    segment later; more or fewer frames are fine.
+    segment later; more or fewer frames are fine. ``stream_segments`` (default): a segment's encoder
+    starts at its first frame and takes the frames as they come, instead of once the segment is
+    complete; the same segments and bytes, but the last one is mostly encoded when the last frame
+    arrives.
     """
 
     def __init__(
@@ -774,6 +779,7 @@ class VideoWriter:
         segments_ahead: Optional[int] = None,
         segment_threads: Optional[int] = None,
         tail_rounds: Optional[int] = None,
+        stream_segments: bool = True,
     ) -> None:
         if width <= 0 or height <= 0:
             raise SpecError(f"output size must be positive (got {width}x{height})")
@@ -809,6 +815,7 @@ class VideoWriter:
         self._audio_in = None
         self._crf, self._preset = int(crf), preset
         self.expected_frames = int(expected_frames) if expected_frames else None
+        self.stream_segments = bool(stream_segments)
         try:
             self._setup_video(crf, preset)
             self._setup_segments(workers, segment_frames, segments_ahead, segment_threads, tail_rounds)
@@ -908,6 +915,8 @@ class VideoWriter:
         self.segment_frames = max(1, int(segment_frames or DEFAULT_SEGMENT_FRAMES))
         self._segmented = self.workers > 1
         self._seg_buf: list[tuple[str, np.ndarray]] = []
+        self._seg_feed: Optional["queue.SimpleQueue[Any]"] = None  # the open segment's frames (stream_segments)
+        self._seg_count = 0
         self._seg_start = 0
         self._seg_target = self._next_segment_size(0)
         self.segment_sizes: list[int] = []
@@ -968,6 +977,15 @@ class VideoWriter:
 
     def _queue_frame(self, kind: str, frame: np.ndarray) -> None:
         """Hand one frame (a private copy, or an array handed over) to the encoder side."""
+        if self._segmented and self.stream_segments:
+            if self._seg_feed is None:
+                self._open_segment()
+            assert self._seg_feed is not None
+            self._seg_feed.put((kind, frame))
+            self._seg_count += 1
+            if self._seg_count >= self._seg_target:
+                self._end_segment()
+            return
         if self._segmented:
             self._seg_buf.append((kind, frame))
             if len(self._seg_buf) >= self._seg_target:
@@ -1008,10 +1026,31 @@ class VideoWriter:
         self._seg_start += len(frames)
         self._seg_target = self._next_segment_size(self._seg_start)
         self.segment_sizes.append(len(frames))
+        self._start_segment(self._encode_segment, frames, start)
+
+    def _open_segment(self) -> None:
+        """``stream_segments``: start the next segment's encoder at its first frame; ``_queue_frame``
+        feeds it frame by frame and ``_end_segment`` ends it (same frames, same bytes as a segment
+        handed over whole, but the encoder works while the segment fills: the last one is mostly
+        encoded when the last frame arrives)."""
+        feed: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._start_segment(self._encode_segment_stream, feed, self._seg_start)
+        self._seg_feed, self._seg_count = feed, 0
+
+    def _end_segment(self) -> None:
+        assert self._seg_feed is not None
+        self._seg_feed.put(_STOP)
+        self.segment_sizes.append(self._seg_count)
+        self._seg_start += self._seg_count
+        self._seg_target = self._next_segment_size(self._seg_start)
+        self._seg_feed, self._seg_count = None, 0
+
+    def _start_segment(self, encode: Callable[..., Any], frames: Any, start: int) -> None:
+        """Submit one segment's encode (its slot taken first) and queue its result for the mux thread, in order."""
         while not self._seg_slots.acquire(timeout=0.2):
             self._raise_if_failed()
         try:
-            future = self._seg_pool.submit(self._encode_segment, frames, start)
+            future = self._seg_pool.submit(encode, frames, start)
         except RuntimeError as exc:  # the pool was shut down: the mux thread has ended
             self._seg_slots.release()
             self._raise_if_failed()
@@ -1051,15 +1090,41 @@ class VideoWriter:
             frames.clear()  # the frames (possibly the caller's buffers) are not needed any more
             self._seg_slots.release()
 
-    def _encode_segment_frames(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
+    def _encode_segment_stream(self, feed: "queue.SimpleQueue[Any]", start: int) -> tuple[list[Any], int]:
+        """``_encode_segment`` on the frames of ``feed`` as they arrive, up to its stop marker."""
+        try:
+            return self._encode_segment_frames(self._feed_frames(feed), start)
+        finally:
+            self._seg_slots.release()
+
+    def _feed_frames(self, feed: "queue.SimpleQueue[Any]") -> Iterator[tuple[str, np.ndarray]]:
+        idle = 0.0
+        while True:
+            try:
+                item = feed.get(timeout=0.2)
+            except queue.Empty:
+                idle += 0.2
+                if self._aborted.is_set() or not self._thread.is_alive():
+                    return
+                if idle >= SEGMENT_IDLE_S:  # a writer left open: do not hold the thread (and exit) for ever
+                    raise EngineRuntimeError(f"output {self.path}: no frame for {SEGMENT_IDLE_S:.0f} s; encoding stopped")
+                continue
+            if item is _STOP:
+                return
+            idle = 0.0
+            yield item
+
+    def _encode_segment_frames(self, frames: Iterable[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
         if self._aborted.is_set():
             return [], 0
         ctx = self._segment_context()
         packets: list[Any] = []
+        n = 0
         for i, (kind, data) in enumerate(frames):
             frame = self._video_frame(data, kind)
             frame.pts = i
             packets.extend(ctx.encode(frame))
+            n = i + 1
             if self._aborted.is_set():
                 return [], 0
         packets.extend(ctx.encode(None))
@@ -1069,7 +1134,7 @@ class VideoWriter:
             p.pts += start
             p.dts += start
             p.time_base = tb
-        return packets, len(frames)
+        return packets, n
 
     def _check_headers(self, ctx: Any) -> None:
         # Packets from another encoder than the stream's need the same SPS/PPS as the stream.
@@ -1106,6 +1171,8 @@ class VideoWriter:
             except BaseException:
                 self.abort()
                 raise
+        if self._seg_feed is not None:
+            self._end_segment()
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
@@ -1120,6 +1187,9 @@ class VideoWriter:
             return
         self._closed = True
         self._aborted.set()
+        if self._seg_feed is not None:  # wakes the open segment's encoder
+            self._seg_feed.put(_STOP)
+            self._seg_feed = None
         while True:  # make room for the stop marker
             try:
                 self._queue.get_nowait()

@@ -209,6 +209,7 @@ class Pipeline:
         self.encoder_segments_ahead: Optional[int] = None  # VideoWriter(segments_ahead=...); None: its default
         self.encoder_segment_frames: Optional[int] = None  # VideoWriter(segment_frames=...); None: its default
         self.encoder_segment_threads: Optional[int] = None  # VideoWriter(segment_threads=...); None: its default
+        self.encoder_stream_segments: Optional[bool] = None  # VideoWriter(stream_segments=...); None: its default
         # The blend masks are made while the job generates (generate waits only for the masks of
         # its batch); False waits for all of them before generating (benchmarks' before/after).
         self.overlap_masks = True
@@ -962,6 +963,7 @@ class Pipeline:
                     **({} if self.encoder_segments_ahead is None else {"segments_ahead": self.encoder_segments_ahead}),
                     **({} if self.encoder_segment_frames is None else {"segment_frames": self.encoder_segment_frames}),
                     **({} if self.encoder_segment_threads is None else {"segment_threads": self.encoder_segment_threads}),
+                    **({} if self.encoder_stream_segments is None else {"stream_segments": self.encoder_stream_segments}),
                 )
             except JobError:
                 raise
