@@ -600,7 +600,13 @@ def test_the_hot_loop_runs_the_compiled_graphs(pipe, face_video, speech_wav, box
     assert forward_calls["unet"] >= 4 and forward_calls["decoder"] >= 4
     # every compiled block of every UNet and decoder call went through a graph (none ran eagerly)
     assert graph_calls["n"] >= forward_calls["unet"] * unet_blocks + forward_calls["decoder"] * decoder_blocks
-    np.testing.assert_array_equal(_read(result.output), _read(reference.output))
+    # The same frames within rounding: the frozen graphs run the ragged last batch (3 frames) padded
+    # to the compiled 4, and a CPU GEMM's float sums may depend on the batch size (seen on an AMD
+    # EPYC: one value of 3.5 million off by one level).
+    got, want = _read(result.output).astype(np.int16), _read(reference.output).astype(np.int16)
+    assert got.shape == want.shape
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
 
 
 def test_warmup_job_runs_a_whole_job_and_leaves_the_pipeline_as_it_was(pipe: Pipeline, tmp_path: Path) -> None:
