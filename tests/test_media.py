@@ -626,6 +626,24 @@ def test_streamed_segments_write_the_bytes_of_whole_segments_and_encode_while_fi
     assert packets[True][1] == packets[False][1]  # same segments, same libx264 options: the same packets
 
 
+def test_a_streamed_segment_left_without_frames_stops_its_encoder(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setattr(media, "SEGMENT_IDLE_S", 0.4)
+    out = tmp_path / "idle.mp4"
+    w = media.VideoWriter(out, width=64, height=48, fps=25, workers=2, segment_frames=10)
+    w.write(_smooth_frames(3, 64, 48))  # a segment open, its encoder waiting for frame 4
+    deadline = time.monotonic() + 10
+    while w._error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(EngineRuntimeError, match="no frame for"):
+        w.write(_smooth_frames(1, 64, 48))
+    w.abort()
+    assert not out.exists()
+    assert not any(t.name.startswith("x264-segment") and t.is_alive() for t in threading.enumerate())
+
+
 def test_segmented_writer_abort_removes_the_file_and_stops_threads(tmp_path):
     import threading
 
