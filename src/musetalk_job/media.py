@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Union
+from typing import Any, Iterable, Iterator, Literal, Optional, Union
 
 import av
 import numpy as np
@@ -1026,7 +1026,7 @@ class VideoWriter:
         self._seg_start += len(frames)
         self._seg_target = self._next_segment_size(self._seg_start)
         self.segment_sizes.append(len(frames))
-        self._start_segment(self._encode_segment, frames, start)
+        self._start_segment(frames, start)
 
     def _open_segment(self) -> None:
         """``stream_segments``: start the next segment's encoder at its first frame; ``_queue_frame``
@@ -1034,7 +1034,7 @@ class VideoWriter:
         handed over whole, but the encoder works while the segment fills: the last one is mostly
         encoded when the last frame arrives)."""
         feed: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._start_segment(self._encode_segment_stream, feed, self._seg_start)
+        self._start_segment(self._feed_frames(feed), self._seg_start)
         self._seg_feed, self._seg_count = feed, 0
 
     def _end_segment(self) -> None:
@@ -1045,12 +1045,12 @@ class VideoWriter:
         self._seg_target = self._next_segment_size(self._seg_start)
         self._seg_feed, self._seg_count = None, 0
 
-    def _start_segment(self, encode: Callable[..., Any], frames: Any, start: int) -> None:
+    def _start_segment(self, frames: Iterable[tuple[str, np.ndarray]], start: int) -> None:
         """Submit one segment's encode (its slot taken first) and queue its result for the mux thread, in order."""
         while not self._seg_slots.acquire(timeout=0.2):
             self._raise_if_failed()
         try:
-            future = self._seg_pool.submit(encode, frames, start)
+            future = self._seg_pool.submit(self._encode_segment, frames, start)
         except RuntimeError as exc:  # the pool was shut down: the mux thread has ended
             self._seg_slots.release()
             self._raise_if_failed()
@@ -1079,22 +1079,17 @@ class VideoWriter:
         ctx.open()
         return ctx
 
-    def _encode_segment(self, frames: list[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
+    def _encode_segment(self, frames: Iterable[tuple[str, np.ndarray]], start: int) -> tuple[list[Any], int]:
         """Encode one segment with its own libx264 (runs on a segment thread; PyAV releases the GIL
-        inside the encoder). Returns its packets re-timed to the whole stream, and its frame count.
+        inside the encoder): ``frames`` is a whole segment's list, or ``_feed_frames`` of a segment
+        still filling. Returns its packets re-timed to the whole stream, and its frame count.
         Its slot is freed as soon as it is encoded (not muxed): the mux thread, which also encodes
         the audio, never holds back ``write()``."""
         try:
             return self._encode_segment_frames(frames, start)
         finally:
-            frames.clear()  # the frames (possibly the caller's buffers) are not needed any more
-            self._seg_slots.release()
-
-    def _encode_segment_stream(self, feed: "queue.SimpleQueue[Any]", start: int) -> tuple[list[Any], int]:
-        """``_encode_segment`` on the frames of ``feed`` as they arrive, up to its stop marker."""
-        try:
-            return self._encode_segment_frames(self._feed_frames(feed), start)
-        finally:
+            if isinstance(frames, list):
+                frames.clear()  # the frames (possibly the caller's buffers) are not needed any more
             self._seg_slots.release()
 
     def _feed_frames(self, feed: "queue.SimpleQueue[Any]") -> Iterator[tuple[str, np.ndarray]]:
