@@ -427,10 +427,12 @@ def prepare_masks_serial(
     stop: Any = None,
     frames_ready: Optional[Callable[[int], None]] = None,
     pad: bool = False,
+    on_device: bool = False,
 ) -> list[Any]:
     """``blending.prepare_masks`` before its chunks were pipelined (commit b055a13): each chunk's
     parser inputs, parse and mask finishing one after the other. For the before/after run only
-    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``."""
+    (``--masks-pipeline-compare``). ``frames_ready`` and ``pad`` as in ``prepare_masks``; the
+    masks are made on the CPU pool as then, whatever ``on_device`` says."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch

@@ -25,6 +25,7 @@ from musetalk_job.blending import (
     composite,
     crop_box,
     parsing_mask,
+    parsing_mask_batch,
     prepare_masks,
     resize_face,
     upload_masks,
@@ -110,6 +111,58 @@ def test_jaw_mask_rules():
     # A narrower cheek width moves the band edge: with 200 px, column 110 is in the centre band.
     wide = parsing_mask(c, "jaw", 200, 200)
     assert wide[250, 110] == 255 and wide[250, 91] == 255 and wide[250, 89] == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_parsing_mask_batch_equals_the_opencv_masks(device: str) -> None:
+    """The morphology as convolutions (the device path) gives cv2's masks, every mode and cheek width."""
+    rng = np.random.default_rng(11)
+    face = _face_classes()
+    noisy = face.copy()
+    holes = rng.random(face.shape) < 0.02
+    noisy[holes] = rng.integers(0, 19, int(holes.sum()))
+    edge = np.zeros_like(face)
+    edge[:40, :] = 1  # skin against the map's edges: the border rules of dilate and erode
+    edge[:, 490:] = 1
+    edge[300:, 200:260] = 12
+    maps = np.stack([face, noisy, edge, rng.integers(0, 19, face.shape).astype(face.dtype)])
+    for mode in ("jaw", "raw", "neck"):
+        for left, right in ((90, 90), (30, 200)):
+            got = parsing_mask_batch(torch.from_numpy(maps.astype(np.uint8)).to(device), mode, left, right).cpu().numpy()
+            for j, m in enumerate(maps):
+                np.testing.assert_array_equal(got[j], parsing_mask(m, mode, left, right), err_msg=f"{mode} {left} {right} map {j}")
+
+
+@pytest.mark.parametrize("mode", ["jaw", "raw"])
+def test_masks_made_on_the_device_equal_the_cpu_masks(mode: str) -> None:
+    """``prepare_masks(on_device=True)``: the resizes and morphology as tensor ops, the same masks,
+    whatever the chunking and padding (crops leaving the frame included: frame 1 of the scene)."""
+    frames, boxes = _scene()
+    parser = ColourParser().eval()
+    cpu = prepare_masks(frames, boxes, parser, mode=mode, device="cpu", batch_size=3)
+    for batch_size, pad in ((3, False), (2, True), (1, False)):
+        dev = prepare_masks(frames, boxes, parser, mode=mode, device="cpu", batch_size=batch_size, pad=pad, on_device=True)
+        for a, b in zip(cpu, dev):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.box == b.box
+                np.testing.assert_array_equal(a.alpha, b.alpha)
+    assert any(m is not None and m.alpha.any() for m in cpu)  # the masks are not empty
+
+
+def test_masks_made_on_the_device_with_bisenet_equal_the_cpu_masks() -> None:
+    bisenet_mod = pytest.importorskip("musetalk_job.models.bisenet")
+    torch.manual_seed(0)
+    net = bisenet_mod.BiSeNet(n_classes=19, width=8).eval()
+    frames, boxes = _scene()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = net.to(device)
+    cpu = prepare_masks(frames, boxes, net, mode="jaw", device=device, batch_size=2, pad=True)
+    dev = prepare_masks(frames, boxes, net, mode="jaw", device=device, batch_size=2, pad=True, on_device=True)
+    for a, b in zip(cpu, dev):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(a.alpha, b.alpha)
 
 
 # --- composite ----------------------------------------------------------------------------

@@ -277,9 +277,10 @@ def test_a_job_with_graphs_writes_the_frames_of_a_job_without(tiny_models_dir: P
 
 
 @cuda
-def test_frames_uploaded_on_demand_give_the_frames_of_one_upload(tiny_models_dir: Path, face_video: Path, tmp_path: Path) -> None:
+def test_frames_uploaded_on_demand_or_beside_the_compute_give_the_frames_of_one_upload(tiny_models_dir: Path, face_video: Path, tmp_path: Path) -> None:
     """The generate loop's input frames go to the GPU a batch's rows at a time (the default) or all
-    in one copy: the feed holds exactly the rows asked for, and the jobs write the same frames."""
+    in one copy, from pinned memory on a copy stream (the default) or from pageable memory on the
+    compute stream: the feed holds exactly the rows asked for, and every way writes the same frames."""
     import numpy as np
 
     from musetalk_job.landmarks.boxes import write_boxes_file
@@ -298,6 +299,13 @@ def test_frames_uploaded_on_demand_give_the_frames_of_one_upload(tiny_models_dir
     whole = _FrameFeed(frames, torch.device("cuda"), None, on_demand=False)
     whole.rows(1)
     assert whole.done == frames.shape[0]
+    # Staged in pinned memory and copied on a side stream: the compute stream sees the same rows.
+    side = _FrameFeed(frames, torch.device("cuda"), None, copy_stream=torch.cuda.Stream())
+    assert side.copy_stream is not None
+    first = side.rows(3).narrow(0, 0, 3).clone()  # read on the compute stream, after its wait
+    side.rows(10**6)
+    assert np.array_equal(first.cpu().numpy(), frames[:3])
+    assert np.array_equal(side.dev.cpu().numpy(), frames)
 
     audio = _voice_like_wav(tmp_path / "voice.wav")
     h, w = frames.shape[1:3]
@@ -306,7 +314,34 @@ def test_frames_uploaded_on_demand_give_the_frames_of_one_upload(tiny_models_dir
     pipe.stream_decode = False  # complete frames: the case the one-copy upload covered
     opts = EngineOptions(boxes_file=tmp_path / "boxes.json", codec="ffv1", batch_size=4)
     out = []
-    for on_demand in (False, True):
+    # (on demand, async upload): pageable copies on the compute stream, then pinned ones beside it.
+    for on_demand, copies in ((False, False), (True, False), (True, True), (False, True)):
         pipe.upload_on_demand = on_demand
-        out.append(read_frames(pipe.run(face_video, audio, tmp_path / f"u{int(on_demand)}.mkv", opts).output).frames)
+        pipe.async_upload = copies
+        name = tmp_path / f"u{int(on_demand)}{int(copies)}.mkv"
+        out.append(read_frames(pipe.run(face_video, audio, name, opts).output).frames)
+    assert set(pipe._copy_streams) == {"upload"}
+    for other in out[1:]:
+        assert out[0].shape == other.shape and (out[0] == other).all()
+
+
+@cuda
+def test_jobs_with_the_masks_made_on_the_device_write_the_frames_of_the_cpu_masks(tiny_models_dir: Path, face_video: Path, tmp_path: Path) -> None:
+    """``Pipeline.device_masks`` (the default on CUDA) changes where the blend masks are made, not them."""
+    from musetalk_job.landmarks.boxes import write_boxes_file
+    from musetalk_job.media import read_frames
+    from musetalk_job.options import EngineOptions
+    from musetalk_job.pipeline import Pipeline
+
+    frames = read_frames(face_video).frames
+    audio = _voice_like_wav(tmp_path / "voice.wav")
+    h, w = frames.shape[1:3]
+    write_boxes_file(tmp_path / "boxes.json", [(w // 3, h // 6, w // 3 + w // 4, h // 6 + h // 3)] * frames.shape[0])
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cuda", dtype="fp16")
+    assert pipe.device_masks is True
+    opts = EngineOptions(boxes_file=tmp_path / "boxes.json", codec="ffv1", batch_size=4)
+    out = []
+    for on_device in (True, False):
+        pipe.device_masks = on_device
+        out.append(read_frames(pipe.run(face_video, audio, tmp_path / f"m{int(on_device)}.mkv", opts).output).frames)
     assert out[0].shape == out[1].shape and (out[0] == out[1]).all()

@@ -222,6 +222,13 @@ class Pipeline:
         # The generate loop uploads the input frames a batch's worth at a time, as it needs them
         # (False: every used frame in one copy before the first batch).
         self.upload_on_demand = True
+        # CUDA: the input frames go up from pinned memory on a copy stream, beside the compute
+        # (False: pageable copies on the compute stream, the benchmarks' before/after).
+        self.async_upload = self.device.type == "cuda"
+        # CUDA: the blend masks' resizes and morphology run as tensor ops on the device, exact to
+        # the CPU path (blending.prepare_masks(on_device=True)); False: on the CPU pool.
+        self.device_masks = self.device.type == "cuda"
+        self._copy_streams: dict[str, Any] = {}
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -308,7 +315,14 @@ class Pipeline:
 
         whisper_features(np.zeros(16000, dtype=np.float32), m)
         parse = self._chunk(batch)
-        m.bisenet(torch.zeros((parse, 3, 512, 512), device=self.device, dtype=next(m.bisenet.parameters()).dtype))
+        bisenet_dtype = next(m.bisenet.parameters()).dtype
+        if self.device_masks:  # BiSeNet with the masks' resizes and morphology around it
+            from .blending import _parse_on_device
+
+            crop = torch.zeros((1, 2 * FACE_SIZE, 2 * FACE_SIZE, 3), dtype=torch.uint8, device=self.device)
+            _parse_on_device(m.bisenet, crop, [2 * FACE_SIZE], parse, self.device, bisenet_dtype, "jaw", 90, 90)
+        else:
+            m.bisenet(torch.zeros((parse, 3, 512, 512), device=self.device, dtype=bisenet_dtype))
         with self._detector_lock:
             detectors = list(self._detectors.values())
         for det in detectors:  # the loaded landmark detectors at their batch shape
@@ -439,7 +453,15 @@ class Pipeline:
             free, _ = torch.cuda.mem_get_info(self.device)
             if frames.nbytes > 0.25 * free:
                 device = None
-        return _FrameFeed(frames, device, ready, self.upload_on_demand)
+        copy_stream = self._copy_stream("upload") if device is not None and device.type == "cuda" and self.async_upload else None
+        return _FrameFeed(frames, device, ready, self.upload_on_demand, copy_stream)
+
+    def _copy_stream(self, name: str) -> Any:
+        """A CUDA stream kept per purpose (``upload``) for copies beside the compute."""
+        stream = self._copy_streams.get(name)
+        if stream is None:
+            stream = self._copy_streams[name] = torch.cuda.Stream(self.device)
+        return stream
 
     # ------------------------------------------------------------------ stages
 
@@ -623,7 +645,7 @@ class Pipeline:
                         frames, boxes, self.models.bisenet, mode=mode,
                         left_cheek_width=options.left_cheek_width, right_cheek_width=options.right_cheek_width,
                         device=self.device, batch_size=self._chunk(batch), on_ready=masks.publish, stop=masks.stop,
-                        frames_ready=ready, pad=self.pad_batches,
+                        frames_ready=ready, pad=self.pad_batches, on_device=self.device_masks,
                     )
                 if not masks.done and not masks.stop.is_set():
                     raise EngineRuntimeError("blend masks: the mask thread ended without making every mask")
@@ -1124,27 +1146,51 @@ class _FrameFeed:
     them as a uint8 tensor on ``device`` (``None``: the loop copies each batch's frames from the
     host). Rows are uploaded in the order they are needed, a batch's worth at a time, so the first
     batch starts after its own rows' copy, not all of them; rows still decoding (``ready``) are
-    waited for first. ``on_demand=False``: complete frames go up in one copy at the first call."""
+    waited for first. ``on_demand=False``: complete frames go up in one copy at the first call.
+
+    ``copy_stream`` (CUDA): the rows are staged in pinned memory and copied on that stream, and the
+    current stream waits for the copy on the device. Without it, a copy from pageable memory makes
+    the host wait for every kernel queued before it, and the GPU then waits for the host."""
 
     def __init__(
-        self, frames: np.ndarray, device: Optional[torch.device], ready: Optional[Callable[[int], None]], on_demand: bool = True
+        self,
+        frames: np.ndarray,
+        device: Optional[torch.device],
+        ready: Optional[Callable[[int], None]],
+        on_demand: bool = True,
+        copy_stream: Optional[Any] = None,
     ) -> None:
         self.frames, self.ready, self.on_demand = frames, ready, on_demand
         self.n = int(frames.shape[0])
         self.done = 0
         self.dev: Optional[torch.Tensor] = None
+        self.copy_stream = None
         if device is not None and device.type != "cuda":
             self.dev = torch.from_numpy(frames)  # the same memory: readable once ready says so
             self.done = self.n
         elif device is not None:
             self.dev = torch.empty(frames.shape, dtype=torch.uint8, device=device)
+            if copy_stream is not None:
+                # The new tensor's memory may have been freed by work still queued on this stream.
+                copy_stream.wait_stream(torch.cuda.current_stream(device))
+                self.copy_stream = copy_stream
 
     def rows(self, k: int) -> Optional[torch.Tensor]:
         k = self.n if self.ready is None and not self.on_demand else min(int(k), self.n)
         if self.ready is not None:
             self.ready(k)
         if self.dev is not None and k > self.done:
-            self.dev[self.done : k].copy_(torch.from_numpy(self.frames[self.done : k]))
+            src = torch.from_numpy(self.frames[self.done : k])
+            if self.copy_stream is None:
+                self.dev[self.done : k].copy_(src)
+            else:
+                # The host copy runs while the GPU works on the batches already queued; the pinned
+                # block is not reused before the device copy is done (the host allocator's events).
+                staged = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
+                staged.copy_(src)
+                with torch.cuda.stream(self.copy_stream):
+                    self.dev[self.done : k].copy_(staged, non_blocking=True)
+                torch.cuda.current_stream(self.dev.device).wait_stream(self.copy_stream)
             self.done = k
         return self.dev
 
