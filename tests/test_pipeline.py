@@ -636,3 +636,49 @@ def test_the_log_mel_computed_during_preparation_gives_the_same_video(
     outputs = [_run_with(pipe, "early_log_mel", early, face_video, short, tmp_path / f"m{int(early)}.mkv", opts) for early in (True, False)]
     assert len(threads) == 2 and threads[0].startswith("log-mel") and threads[1] == threading.current_thread().name
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_latents_encoded_in_the_loop_give_the_same_video_and_cache_entry(
+    pipe, face_video, speech_wav, boxes_file, tmp_path, monkeypatch
+) -> None:
+    """``latents_in_loop``: each chunk of faces is VAE-encoded when a batch first needs it. The chunks
+    are those of the up-front encode, so the video is the same; the loop's first batch is done before
+    the last chunk is encoded; the avatar cache still stores every latent."""
+    from musetalk_job import latents as latmod
+    from musetalk_job import pipeline as pipemod
+    from musetalk_job.cache import AvatarCache
+
+    short = _wav_slice(speech_wav, tmp_path / "short.wav", 0.6)  # 15 frames: every input frame used
+    opts = EngineOptions(boxes_file=boxes_file, codec="ffv1", batch_size=4)
+    encodes: list[int] = []
+    real_encode = latmod.encode_faces
+    monkeypatch.setattr(pipemod, "encode_faces", lambda vae, crops, *a, **k: (encodes.append(len(crops)), real_encode(vae, crops, *a, **k))[1])
+    outputs = []
+    for lazy in (False, True):
+        encodes.clear()
+        events: list[tuple[str, int, int]] = []
+        pipe.avatar_cache = AvatarCache(tmp_path / f"cache{int(lazy)}")
+        saved = pipe.latents_in_loop
+        pipe.latents_in_loop = lazy
+        try:
+            res = pipe.run(face_video, short, tmp_path / f"l{int(lazy)}.mkv", opts, progress=lambda *e: events.append(e))
+        finally:
+            pipe.latents_in_loop = saved
+            pipe.avatar_cache = None
+        outputs.append(_read(res.output))
+        assert len(encodes) >= 3 and sum(encodes) == res.frames_with_face  # chunks of half the job batch
+        stages = [e for e in events if e[0] in ("latents", "generate")]
+        first_batch = next(k for k, e in enumerate(stages) if e[0] == "generate")
+        last_latents = max(k for k, e in enumerate(stages) if e[0] == "latents")
+        assert stages[last_latents][1:] == (res.frames_with_face, res.frames_with_face)
+        assert (last_latents > first_batch) == lazy  # lazily: the last chunk after the first batch
+        assert len(list((tmp_path / f"cache{int(lazy)}").iterdir())) == 1
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    # The entry stored by the lazy job holds every latent: a hit renders the same video.
+    pipe.avatar_cache = AvatarCache(tmp_path / "cache1")
+    try:
+        again = pipe.run(face_video, short, tmp_path / "again.mkv", opts)
+    finally:
+        pipe.avatar_cache = None
+    assert again.stage_seconds["latents"] == 0.0
+    np.testing.assert_array_equal(_read(again.output), outputs[0])
