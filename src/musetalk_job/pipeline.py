@@ -1228,10 +1228,12 @@ class _FaceLatents:
         self.pipe, self.frames, self.boxes, self.rows, self.ready = pipe, frames, boxes, rows, ready
         self.progress = progress  # told ("latents", done, n) after each chunk
         self.n, self.batch, self.done = len(rows), max(1, int(batch)), 0
+        self.step = self.batch  # crops per encoder call: halved after running out of memory
         p = next(pipe.models.vae.parameters())
         self.tensor = torch.empty((self.n, 8, 32, 32), dtype=p.dtype, device=p.device)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._next: Optional[Future[torch.Tensor]] = None
+        self._crops: Optional[torch.Tensor] = None  # the crops of chunk ``done``, once taken
         if self.n:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crop-ahead")
             self._next = self._pool.submit(self._crop, 0)
@@ -1246,15 +1248,29 @@ class _FaceLatents:
     def upto(self, k: int) -> None:
         k = min(int(k), self.n)
         while self.done < k:
-            assert self._next is not None and self._pool is not None
+            assert self._pool is not None
             a = self.done
             b = min(a + self.batch, self.n)
-            crops = self._next.result()
-            self._next = self._pool.submit(self._crop, b) if b < self.n else None
+            if self._crops is None:  # kept until encoded: a chunk retried after running out of memory reuses them
+                assert self._next is not None
+                self._crops = self._next.result()
+                self._next = self._pool.submit(self._crop, b) if b < self.n else None
             pipe = self.pipe
-            lat = encode_faces(pipe.models.vae, crops, self.batch, pad=pipe.pad_batches, encode=pipe.encode_step)
+            try:
+                lat = encode_faces(pipe.models.vae, self._crops, self.step, pad=pipe.pad_batches, encode=pipe.encode_step)
+            except torch.cuda.OutOfMemoryError:
+                # As _with_oom_retry: the chunk again, in calls of half as many crops.
+                pipe.drop_cuda_graphs()
+                if self.step <= 1:
+                    raise EngineRuntimeError(
+                        "out of GPU memory in VAE encode even at batch size 1; free the GPU or use a larger one"
+                    ) from None
+                self.step = max(1, self.step // 2)
+                log.warning("out of GPU memory in VAE encode; retrying with batch size %d", self.step)
+                pipe._compile_off_after_oom()
+                continue
             self.tensor[a:b] = lat
-            self.done = b
+            self.done, self._crops = b, None
             if self.progress is not None:
                 self.progress("latents", b, self.n)
         if self.done >= self.n:
