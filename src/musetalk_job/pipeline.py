@@ -245,7 +245,7 @@ class Pipeline:
         # CUDA: the blend masks' resizes and morphology run as tensor ops on the device, exact to
         # the CPU path (blending.prepare_masks(on_device=True)); False: on the CPU pool.
         self.device_masks = self.device.type == "cuda"
-        self._copy_streams: dict[str, Any] = {}
+        self._upload_stream: Optional[Any] = None  # the CUDA stream of async_upload's copies
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -470,15 +470,12 @@ class Pipeline:
             free, _ = torch.cuda.mem_get_info(self.device)
             if frames.nbytes > 0.25 * free:
                 device = None
-        copy_stream = self._copy_stream("upload") if device is not None and device.type == "cuda" and self.async_upload else None
+        copy_stream = None
+        if device is not None and device.type == "cuda" and self.async_upload:
+            if self._upload_stream is None:  # made once, kept for the pipeline's jobs
+                self._upload_stream = torch.cuda.Stream(self.device)
+            copy_stream = self._upload_stream
         return _FrameFeed(frames, device, ready, self.upload_on_demand, copy_stream)
-
-    def _copy_stream(self, name: str) -> Any:
-        """A CUDA stream kept per purpose (``upload``) for copies beside the compute."""
-        stream = self._copy_streams.get(name)
-        if stream is None:
-            stream = self._copy_streams[name] = torch.cuda.Stream(self.device)
-        return stream
 
     # ------------------------------------------------------------------ stages
 
@@ -618,17 +615,14 @@ class Pipeline:
             with st.stage("latents"):
                 # With compile on, the encoder's graphs are built (or loaded) here, once per process.
                 self._ensure_compiled(batch, encoder=True)
-                face_boxes = [used_boxes[j] for j in face_idx]
-                pending = None
-                if lazy_latents:
-                    pending = _FaceLatents(self, frames, face_boxes, face_idx, self._encode_batch(batch), ready, progress)
-                    latents = pending.tensor
-                else:
-                    latents = self._with_oom_retry(
-                        lambda b: self._encode_crops(frames, face_boxes, face_idx, b, ready),
-                        self._encode_batch(batch),
-                        "VAE encode",
-                    )
+                pending: Optional[_FaceLatents] = _FaceLatents(
+                    self, frames, [used_boxes[j] for j in face_idx], face_idx, self._encode_batch(batch), ready,
+                    progress if lazy_latents else None,
+                )
+                latents = pending.tensor
+                if not lazy_latents:
+                    pending.upto(pending.n)
+                    pending = None
                     if progress is not None:
                         progress("latents", len(face_idx), len(face_idx))
             _check_cancel(cancel)
@@ -687,29 +681,6 @@ class Pipeline:
                 masks.fail(err)
 
         threading.Thread(target=work, name="blend-masks", daemon=True).start()
-
-    def _encode_crops(
-        self, frames: np.ndarray, boxes: list[Box], rows: list[int], batch: int, ready: Optional[Callable[[int], None]] = None
-    ) -> torch.Tensor:
-        """Crop (CPU, LANCZOS4) and VAE-encode the faces ``frames[rows]`` in chunks of ``batch``:
-        the next chunk is cropped on a thread while the device encodes this one."""
-        faces = _FaceLatents(self, frames, boxes, rows, batch, ready)
-        faces.upto(faces.n)
-        return faces.tensor
-
-    def _with_oom_retry(self, fn: Any, batch: int, what: str) -> Any:
-        while True:
-            try:
-                return fn(batch)
-            except torch.cuda.OutOfMemoryError:
-                self.drop_cuda_graphs()
-                if batch <= 1:
-                    raise EngineRuntimeError(
-                        f"out of GPU memory in {what} even at batch size 1; free the GPU or use a larger one"
-                    ) from None
-                batch = max(1, batch // 2)
-                log.warning("out of GPU memory in %s; retrying with batch size %d", what, batch)
-                self._compile_off_after_oom()
 
     def _compile_off_after_oom(self) -> None:
         """Compiled graphs pad every call to their compiled batch, so halving it needs eager."""
@@ -1207,8 +1178,7 @@ class _FrameFeed:
             else:
                 # The host copy runs while the GPU works on the batches already queued; the pinned
                 # block is not reused before the device copy is done (the host allocator's events).
-                staged = torch.empty(src.shape, dtype=torch.uint8, pin_memory=True)
-                staged.copy_(src)
+                staged = src.pin_memory()
                 with torch.cuda.stream(self.copy_stream):
                     self.dev[self.done : k].copy_(staged, non_blocking=True)
                 torch.cuda.current_stream(self.dev.device).wait_stream(self.copy_stream)
@@ -1259,7 +1229,7 @@ class _FaceLatents:
             try:
                 lat = encode_faces(pipe.models.vae, self._crops, self.step, pad=pipe.pad_batches, encode=pipe.encode_step)
             except torch.cuda.OutOfMemoryError:
-                # As _with_oom_retry: the chunk again, in calls of half as many crops.
+                # The chunk again, in calls of half as many crops (the same chunks: the same rows).
                 pipe.drop_cuda_graphs()
                 if self.step <= 1:
                     raise EngineRuntimeError(
