@@ -495,6 +495,17 @@ def enable(
     return True
 
 
+def thaw(models: Any) -> None:
+    """Forget which shapes are compiled, so the next ``ensure_warm`` runs them again (compiling
+    what changed, e.g. after the upsamplers are folded; unchanged code hits dynamo's cache) instead
+    of running changed code eagerly under the frozen stance. No-op when compiling is off."""
+    for model in (models.unet, models.vae):
+        state = _state(model)
+        if state is not None:
+            state.batches = None
+            state.encode_batches = None
+
+
 def maybe_enable_from_env(models: Any, env: Optional[Mapping[str, str]] = None) -> bool:
     """``enable`` when ``MUSETALK_COMPILE`` asks for it; False (eager) otherwise."""
     mode = mode_from_env(env)

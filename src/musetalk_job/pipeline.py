@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from . import compiled, graphs
+from .models import upsample
 from .blending import MaskStream
 from .errors import Cancelled, EngineRuntimeError, InputMediaError, JobError, SpecError
 from .latents import crop_faces, decode_latents, encode_chunk, encode_faces
@@ -246,6 +247,9 @@ class Pipeline:
         # the CPU path (blending.prepare_masks(on_device=True)); False: on the CPU pool.
         self.device_masks = self.device.type == "cuda"
         self._upload_stream: Optional[Any] = None  # the CUDA stream of async_upload's copies
+        # The UNet's and VAE decoder's upsamplers (nearest ×2 + 3×3 conv) as one folded conv
+        # (models/upsample.py): the same function in 16/36 of the multiply-adds; fp16 rounding differs.
+        self._fold_upsampling: Optional[str] = None
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
@@ -412,9 +416,10 @@ class Pipeline:
         """What the captured kernels depend on besides their inputs (see graphs.GraphedStep)."""
         return compiled.is_enabled(self.models), self.channels_last
 
-    def _graph_variant(self) -> int:
-        """What selects among the steps' graphs besides the input shapes: the chunk size."""
-        return self.gpu_chunk
+    def _graph_variant(self) -> tuple[int, Optional[str]]:
+        """What selects among the steps' graphs besides the input shapes: the chunk size and the
+        upsamplers' fold (each fold's graphs are kept: its folded weights stay alive, see models.upsample)."""
+        return self.gpu_chunk, self._fold_upsampling
 
     @property
     def cuda_graphs(self) -> bool:
@@ -453,6 +458,31 @@ class Pipeline:
         self.models.unet.to(memory_format=fmt)
         self.models.vae.to(memory_format=fmt)
         self.channels_last = enabled
+        if self._fold_upsampling:  # the folded weights follow the conv weights' layout
+            self._apply_fold(self._fold_upsampling)
+
+    @property
+    def fold_upsampling(self) -> Optional[str]:
+        """``"transpose"`` / ``"phases"``: the UNet's and VAE's upsamplers computed as one folded
+        convolution (``models.upsample``); None: diffusers' own. Setting it re-captures the CUDA
+        graphs and re-compiles the compiled shapes at the next job."""
+        return self._fold_upsampling
+
+    @fold_upsampling.setter
+    def fold_upsampling(self, mode: Optional[str]) -> None:
+        mode = None if mode in (None, False, "", "off", "none") else str(mode)
+        if mode is not None and mode not in upsample.MODES:
+            raise SpecError(f"fold_upsampling must be one of {', '.join(upsample.MODES)} or None, got {mode!r}")
+        if mode != self._fold_upsampling:
+            self._apply_fold(mode)
+
+    def _apply_fold(self, mode: Optional[str]) -> None:
+        for model in (self.models.unet, self.models.vae):
+            upsample.unfold(model)
+            if mode:
+                upsample.fold(model, mode)
+        self._fold_upsampling = mode
+        compiled.thaw(self.models)  # the compiled regions trace the new forward at the next warm-up
 
     def detector(self, backend: str) -> Any:
         """The landmark detector for ``backend``, loaded on first use and kept."""
