@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", default="off,transpose,phases")
+    p.add_argument("--modes", default="off,transpose,phases", help="fold modes in order, the first 'off' (repeats allowed)")
     args = p.parse_args(argv)
 
     import torch
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     eager_faces: dict[str, torch.Tensor] = {}
     for cmode in ["eager"] + ([args.compile] if args.compile else []):
         ref: dict[str, torch.Tensor] = {}
-        for mode in modes:
+        for i, mode in enumerate(modes):
             upsample.unfold(m.unet), upsample.unfold(m.vae)
             if mode != "off":
                 upsample.fold(m.unet, mode), upsample.fold(m.vae, mode)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.compiled = compiled.enable(m, mode=cmode)
             r = measure(f"{cmode} {mode}")
             faces, decoded = r.pop("faces"), r.pop("decoded")
-            if mode == "off":
+            if mode == "off" and not ref:
                 ref = {"faces": faces, "decoded": decoded}
             r["faces_vs_off"] = diff(faces, ref["faces"])
             r["decoded_vs_off"] = diff(decoded, ref["decoded"])
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                 eager_faces[mode] = faces
             else:  # compiled code runs the mode asked for: its faces match eager's within rounding
                 r["faces_vs_eager_same_mode"] = diff(faces, eager_faces[mode])
-            out["results"][f"{cmode}|{mode}"] = r
+            key = f"{cmode}|{mode}"
+            out["results"][key if key not in out["results"] else f"{key}#{i}"] = r
         if cmode != "eager":
             compiled.disable(m)
     upsample.unfold(m.unet), upsample.unfold(m.vae)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, Any] = {"batch": bsz}
                 flop = 2 * bsz * (2 * hh) * (2 * ww) * u.channels * u.out_channels * 9
                 row["off_ms"] = round(timed(lambda: u.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), args.iters, args.repeats) * 1e3, 4)
-                for mode in modes[1:] if modes[0] == "off" else modes:
+                for mode in sorted(set(modes) - {"off"}):
                     wgt = upsample.folded_weight(u.conv.weight, mode)
                     row[f"{mode}_ms"] = round(timed(lambda: upsample.upsample_conv(x, wgt, u.conv.bias, mode), args.iters, args.repeats) * 1e3, 4)
                 row["off_tflops_equiv"] = round(flop / (row["off_ms"] / 1e3) / 1e12, 1)
