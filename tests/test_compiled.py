@@ -165,6 +165,36 @@ def test_a_new_decode_chunk_is_warmed_and_the_old_one_kept(models: Any) -> None:
     assert _graphs() == graphs, "a warmed chunk compiled again"
 
 
+def test_a_new_code_variant_thaws_once_and_switching_back_compiles_nothing(models: Any) -> None:
+    """The upsamplers' fold changes the compiled regions' code: its first use thaws the frozen
+    shapes (compiled at the next ensure_warm, not run eagerly); switching back and forth later hits
+    dynamo's cache: no thaw, no new graph."""
+    from musetalk_job.models import upsample
+
+    lat, cond, ts = _inputs(2)
+    ref = _hot(models, lat, cond, ts)[1]
+    assert compiled.enable(models, "regional", backend="eager")
+    compiled.ensure_warm(models, 2)
+    assert compiled.first_variant(models, ("fold", "transpose")) is True
+    assert compiled.first_variant(models, ("fold", "transpose")) is False
+    upsample.fold(models.unet), upsample.fold(models.vae)
+    compiled.thaw(models)
+    assert compiled._state(models.unet).batches is None and compiled._state(models.vae).batches is None
+    before = _graphs()
+    assert compiled.ensure_warm(models, 2) > 0
+    assert _graphs() > before, "the folded upsamplers were not compiled"
+    folded = _hot(models, lat, cond, ts)[1]
+    assert (folded.int() - ref.int()).abs().max() <= 1
+    upsample.unfold(models.unet), upsample.unfold(models.vae)
+    settled = _graphs()
+    assert torch.equal(_hot(models, lat, cond, ts)[1], _hot(models, lat, cond, ts)[1])
+    upsample.fold(models.unet), upsample.fold(models.vae)
+    assert torch.equal(_hot(models, lat, cond, ts)[1], folded)
+    assert _graphs() == settled, "switching between compiled variants compiled again"
+    compiled.disable(models)
+    assert compiled.first_variant(models, ("fold", "transpose")) is False  # no compile state: nothing to thaw
+
+
 def test_regional_encoder_frozen_shapes_pad_or_run_eagerly(models: Any) -> None:
     from musetalk_job.latents import encode_faces
 

@@ -82,6 +82,32 @@ def test_fold_and_unfold_every_upsampler_of_the_tiny_models(tiny_models_dir) -> 
         assert torch.equal(unet(lat, t0, encoder_hidden_states=cond).sample, ref_pred)
 
 
+def test_the_pipeline_switch(tiny_models_dir) -> None:
+    from musetalk_job.errors import SpecError
+    from musetalk_job.pipeline import Pipeline
+
+    pipe = Pipeline.from_models_dir(tiny_models_dir, device="cpu")
+    assert pipe.fold_upsampling is None  # CPU: diffusers' own, as the reference path
+    assert upsample.folded_count(pipe.models.vae) == 0
+    torch.manual_seed(2)
+    lat, cond = torch.randn(2, 8, 32, 32), torch.randn(2, 50, 384)
+    with torch.inference_mode():
+        ref = pipe.face_step(lat, cond)
+        pipe.fold_upsampling = "phases"
+        assert upsample.folded_count(pipe.models.unet) >= 1 and upsample.folded_count(pipe.models.vae) >= 1
+        assert (pipe.face_step(lat, cond).int() - ref.int()).abs().max() <= 1
+        pipe.use_channels_last(True)  # the folded weights follow the conv weights' layout
+        w = next(u for u in pipe.models.vae.modules() if "_musetalk_folded_upsample" in u.__dict__)
+        assert w.__dict__["_musetalk_folded_upsample"]["weight"].is_contiguous(memory_format=torch.channels_last)
+        assert (pipe.face_step(lat, cond).int() - ref.int()).abs().max() <= 1
+        pipe.use_channels_last(False)
+        pipe.fold_upsampling = "off"
+        assert pipe.fold_upsampling is None and upsample.folded_count(pipe.models.vae) == 0
+        assert torch.equal(pipe.face_step(lat, cond), ref)
+    with pytest.raises(SpecError, match="fold_upsampling must be one of transpose, phases"):
+        pipe.fold_upsampling = "sideways"
+
+
 def test_not_foldable_left_alone() -> None:
     assert not upsample.foldable(Upsample2D(4, use_conv=False))
     assert not upsample.foldable(Upsample2D(4, use_conv_transpose=True))

@@ -52,7 +52,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Hashable, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -188,6 +188,7 @@ class _State:
     encode_batches: Optional[set[int]] = None  # vae only: frozen compiled encoder batches
     active: bool = True
     group: Optional["_Group"] = None
+    variants: set[Hashable] = field(default_factory=set)  # code variants compiled (see first_variant)
 
 
 class _Group:
@@ -504,6 +505,17 @@ def thaw(models: Any) -> None:
         if state is not None:
             state.batches = None
             state.encode_batches = None
+
+
+def first_variant(models: Any, variant: Hashable) -> bool:
+    """True the first time ``variant`` (a change of the models' code, e.g. the upsamplers' fold) is
+    asked for since compiling was enabled; the caller then ``thaw``s so that it compiles. A variant
+    compiled before is in dynamo's cache beside the others: switching back needs no thaw."""
+    state = _state(models.unet)
+    if state is None or variant in state.variants:
+        return False
+    state.variants.add(variant)
+    return True
 
 
 def maybe_enable_from_env(models: Any, env: Optional[Mapping[str, str]] = None) -> bool:

@@ -486,7 +486,8 @@ class Pipeline:
             if mode:
                 upsample.fold(model, mode)
         self._fold_upsampling = mode
-        compiled.thaw(self.models)  # the compiled regions trace the new forward at the next warm-up
+        if compiled.first_variant(self.models, ("fold_upsampling", mode)):
+            compiled.thaw(self.models)  # the compiled regions trace the new forward at the next warm-up
 
     def detector(self, backend: str) -> Any:
         """The landmark detector for ``backend``, loaded on first use and kept."""
