@@ -106,6 +106,23 @@ def test_the_pipeline_switch(tiny_models_dir) -> None:
         assert torch.equal(pipe.face_step(lat, cond), ref)
     with pytest.raises(SpecError, match="fold_upsampling must be one of transpose, phases"):
         pipe.fold_upsampling = "sideways"
+    # "auto": phases eager, transpose once compiled (picked up at the next job's warm-up).
+    from musetalk_job import compiled
+
+    pipe.fold_upsampling = "auto"
+    assert pipe.fold_upsampling == "auto" and pipe._fold_upsampling == "phases"
+    try:
+        assert compiled.enable(pipe.models, "regional", backend="eager")
+        pipe._ensure_compiled(2, encoder=False)
+        assert pipe._fold_upsampling == "transpose"
+        assert compiled._state(pipe.models.unet).batches == {2}  # compiled with the fold, then frozen
+        with torch.inference_mode():
+            assert (pipe.face_step(lat, cond).int() - ref.int()).abs().max() <= 1
+    finally:
+        compiled.disable(pipe.models)
+        torch._dynamo.reset()
+    pipe._ensure_compiled(2, encoder=False)
+    assert pipe._fold_upsampling == "phases"
 
 
 def test_not_foldable_left_alone() -> None:

@@ -246,16 +246,20 @@ class Pipeline:
         # CUDA: the blend masks' resizes and morphology run as tensor ops on the device, exact to
         # the CPU path (blending.prepare_masks(on_device=True)); False: on the CPU pool.
         self.device_masks = self.device.type == "cuda"
+        # CUDA stream priority of the blend masks' work (lower is higher; CUDA clamps it to its
+        # range): -1 lets their kernels run ahead of the loop's queued ones; 0: the default priority.
+        self.mask_stream_priority = -1
         self._upload_stream: Optional[Any] = None  # the CUDA stream of async_upload's copies
-        self._fold_upsampling: Optional[str] = None
+        self._fold_upsampling: Optional[str] = None  # applied now (fold_upsampling: asked for)
+        self._fold_request: Optional[str] = None
         # Avatar cache (cache.AvatarCache) for prepare_video's results; "env": from MUSETALK_AVATAR_CACHE.
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
-        # CUDA: the UNet's and VAE decoder's upsamplers (nearest ×2 + 3×3 conv) as one folded
-        # transposed conv (models/upsample.py): the same function in 16/36 of the multiply-adds, only
-        # the fp16 rounding differs (faces within 2 levels, as compiled against eager). Run 71:
-        # compiled UNet + decode 2.08 → 1.90 ms/frame. None: diffusers' own (CPU, like the reference).
+        # CUDA: the UNet's and VAE decoder's upsamplers (nearest ×2 + 3×3 conv) as one folded conv
+        # (models/upsample.py): the same function in 16/36 of their multiply-adds; only the fp16
+        # rounding differs (faces within 2 levels, as compiled against eager). Runs 71-73: UNet +
+        # decode 3.89 → 3.23 ms/frame eager, 2.08 → 1.90 compiled. None: diffusers' own (CPU, as the reference).
         if self.device.type == "cuda":
-            self.fold_upsampling = "transpose"
+            self.fold_upsampling = "auto"
         # CUDA graphs of the two fixed-shape GPU steps (graphs.py; MUSETALK_CUDA_GRAPHS, by default
         # on GPUs with >= 20 GiB): each replay launches a whole step's kernels at once.
         # Both run on the main thread's stream, one after the other: they share one memory pool.
@@ -407,6 +411,7 @@ class Pipeline:
     def _ensure_compiled(self, batch: int, *, encoder: bool) -> float:
         """With compile on: the graphs for a job batch of ``batch`` (UNet, decoder chunks and, with
         ``encoder``, the VAE encoder's calls), built or loaded once per process; 0 when off or warm."""
+        self._sync_fold()  # "auto" follows compile being switched on or off since
         return compiled.ensure_warm(
             self.models, batch, decode_chunk=self._chunk(batch),
             encode_batch=2 * self._encode_batch(batch) if encoder else None, timestep=self._timestep,
@@ -467,16 +472,25 @@ class Pipeline:
 
     @property
     def fold_upsampling(self) -> Optional[str]:
-        """``"transpose"`` / ``"phases"``: the UNet's and VAE's upsamplers computed as one folded
-        convolution (``models.upsample``); None: diffusers' own. Setting it re-captures the CUDA
-        graphs and re-compiles the compiled shapes at the next job."""
-        return self._fold_upsampling
+        """How the UNet's and VAE's upsamplers run: ``"transpose"`` / ``"phases"``, one folded
+        convolution (``models.upsample``); ``"auto"``: ``transpose`` when compiled, ``phases`` when
+        eager (the faster of the two there, run 71); None: diffusers' own. A change re-captures the
+        CUDA graphs; compiled, a fold first used compiles at the next job's warm-up."""
+        return self._fold_request
 
     @fold_upsampling.setter
     def fold_upsampling(self, mode: Optional[str]) -> None:
         mode = None if mode in (None, False, "", "off", "none") else str(mode)
-        if mode is not None and mode not in upsample.MODES:
-            raise SpecError(f"fold_upsampling must be one of {', '.join(upsample.MODES)} or None, got {mode!r}")
+        if mode is not None and mode not in (*upsample.MODES, "auto"):
+            raise SpecError(f"fold_upsampling must be one of {', '.join(upsample.MODES)}, auto or None, got {mode!r}")
+        self._fold_request = mode
+        self._sync_fold()
+
+    def _sync_fold(self) -> None:
+        """Apply ``fold_upsampling`` (``auto`` resolved for the models' compile state now)."""
+        mode = self._fold_request
+        if mode == "auto":
+            mode = "transpose" if compiled.is_enabled(self.models) else "phases"
         if mode != self._fold_upsampling:
             self._apply_fold(mode)
 
@@ -693,7 +707,9 @@ class Pipeline:
         """Make the blend masks in a background thread, publishing each chunk into ``masks``."""
         from .blending import prepare_masks
 
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # A high-priority stream: the generate loop's long graph replays fill the GPU, and the masks
+        # its next batch waits for would otherwise queue behind them.
+        side = torch.cuda.Stream(self.device, priority=self.mask_stream_priority) if self.device.type == "cuda" else None
 
         def work() -> None:
             try:
