@@ -233,6 +233,19 @@ def test_encoder_w1_probe_times_the_first_frame_per_variant(bench_dirs: dict[str
     assert len({h for s in d["summary"].values() for h in s["hashes"]}) == 1
 
 
+def test_upsample_probe_times_each_fold_and_its_pixel_difference(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
+    d = _probe("upsample_probe.py", tmp_path / "up.json", "--device", "cpu", "--size", "tiny", "--models", str(bench_dirs["models"]),
+               "--media", str(bench_dirs["media"]), "--compile", "", "--batch", "2", "--iters", "1", "--repeats", "1",
+               "--modes", "off,transpose,phases,off")
+    assert set(d["results"]) == {"eager|off", "eager|transpose", "eager|phases", "eager|off#3"}
+    assert d["foldable"]["unet"] >= 1 and d["foldable"]["vae"] >= 1
+    for key, r in d["results"].items():
+        assert r["unet_ms_per_frame"] > 0 and r["decode_ms_per_frame"] > 0 and r["face_step_ms_per_frame"] > 0, key
+        assert r["faces_vs_off"]["max"] <= 1, key  # fp32: the folds change rounding only
+    assert d["results"]["eager|off#3"]["faces_vs_off"] == {"max": 0, "share_differing": 0.0, "mean": 0.0}  # unfolded = the first
+    assert d["ops"] and all(set(v) >= {"off_ms", "transpose_ms", "phases_ms"} for v in d["ops"].values())
+
+
 def test_kernel_probe_times_the_gpu_steps_per_chunk(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
     d = _probe("kernel_probe.py", tmp_path / "k.json", "--device", "cpu", "--size", "tiny", "--models", str(bench_dirs["models"]),
                "--media", str(bench_dirs["media"]), "--chunks", "2,4", "--batch", "4", "--reps", "1",
