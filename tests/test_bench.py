@@ -222,15 +222,17 @@ def test_worker_start_probe_starts_the_real_worker_and_posts_jobs(bench_dirs: di
 def test_encoder_w1_probe_times_the_first_frame_per_variant(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:
     d = _probe("encoder_w1.py", tmp_path / "enc.json", "--device", "cpu", "--size", "tiny", "--models", str(bench_dirs["models"]),
                "--media", str(bench_dirs["media"]), "--rounds", "1", "--audio-seconds", "0.3", "--preset", "ultrafast",
-               "--variant", "default:", "--variant", "late_mel:early_log_mel=false")
-    assert d["variants"] == {"default": {}, "late_mel": {"early_log_mel": "False"}}
-    assert set(d["runs"]) == {"new|default", "repeat|default", "new|late_mel", "repeat|late_mel"}
+               "--variant", "default:", "--variant", "late_mel:early_log_mel=false", "--variant", "fast:preset=veryfast")
+    assert d["variants"] == {"default": {}, "late_mel": {"early_log_mel": "False"}, "fast": {"preset": "veryfast"}}
+    assert set(d["runs"]) == {f"{k}|{v}" for k in ("new", "repeat") for v in ("default", "late_mel", "fast")}
     for key, runs in d["runs"].items():
         r = runs[0]
         assert 0 < r["first_frame_s"] <= r["last_frame_s"] < r["wall_s"] and r["tail_s"] > 0, key
         assert r["stage_seconds"]["latents"] == 0 if key.startswith("repeat") else r["stage_seconds"]["latents"] > 0
-    # the switch changes no byte of the output
-    assert len({h for s in d["summary"].values() for h in s["hashes"]}) == 1
+    # the switch changes no byte of the output; another preset (a job option) does
+    assert len({h for k, s in d["summary"].items() if not k.endswith("|fast") for h in s["hashes"]}) == 1
+    assert set(d["summary"]["new|fast"]["hashes"]).isdisjoint(d["summary"]["new|default"]["hashes"])
+    assert all(s["output_bytes"] > 0 for s in d["summary"].values())
 
 
 def test_upsample_probe_times_each_fold_and_its_pixel_difference(bench_dirs: dict[str, Path], report: dict, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ encoder tail after the loop. So its wall time is about *when the first frame rea
 plus *750 frames at the encoder's rate inside the job*. This probe measures both, per variant
 (``NAME:ATTR=VALUE,...``: ``Pipeline`` attributes set for its jobs, e.g. ``encoder_workers``,
 ``encoder_segment_threads``, ``early_log_mel``, ``upload_on_demand``, ``gpu_chunk``; values are integers,
-``true``/``false`` or ``none``), in one process, the variants rotated over ``--rounds`` after one uncounted job each:
+``true``/``false`` or ``none``; ``preset=NAME`` sets the job's x264 preset instead), in one process, the variants rotated over ``--rounds`` after one uncounted job each:
 
 - ``new``: W1 detecting its faces with DWPose (the network's real work; the boxes file's boxes,
   as ``bench.py --dwpose-w1``), no avatar cache;
@@ -110,14 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = report_["runs"]
 
     def job(kind: str, variant: str, label: str) -> dict[str, Any]:
-        attrs = variants.get(variant, {})
+        attrs = dict(variants.get(variant, {}))
+        preset = str(attrs.pop("preset", args.preset))  # a job option, not a Pipeline attribute
         saved = {k: getattr(pipe, k) for k in attrs}
         for k, v in attrs.items():
             setattr(pipe, k, v)
         clock.reset()
         try:
             t0 = time.perf_counter()
-            run = b.w1_run(pipe, video, audio, None, work, label, landmarks="dwpose", preset=args.preset)
+            run = b.w1_run(pipe, video, audio, None, work, label, landmarks="dwpose", preset=preset)
         finally:
             for k, v in saved.items():
                 setattr(pipe, k, v)
@@ -159,13 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                         for m in ("wall_s", "first_frame_s", "last_frame_s", "tail_s", "output_fps")}
         summary[key]["encoder_wait_s"] = round(statistics.median(r["detail"].get("encoder_wait_s", 0.0) for r in rs), 3)
         summary[key]["hashes"] = sorted({r["output_sha256"] for r in rs})
+        summary[key]["output_bytes"] = int(statistics.median(r["output_bytes"] for r in rs))
     report_["summary"] = summary
     if cuda:
         report_["gpu"] = torch.cuda.get_device_name()
     report.write(report_, str(args.out))
     for key, s in summary.items():
         print(f"{key:>20}: wall {s['wall_s']:.3f}s ({s['output_fps']} fps) first frame {s['first_frame_s']:.3f}s "
-              f"last {s['last_frame_s']:.3f}s tail {s['tail_s']:.3f}s encoder wait {s['encoder_wait_s']:.3f}s")
+              f"last {s['last_frame_s']:.3f}s tail {s['tail_s']:.3f}s encoder wait {s['encoder_wait_s']:.3f}s {s['output_bytes']} bytes")
     return 0
 
 
