@@ -256,7 +256,7 @@ class Pipeline:
         self.avatar_cache = cache.from_env() if avatar_cache == "env" else avatar_cache
         # CUDA: the UNet's and VAE decoder's upsamplers (nearest ×2 + 3×3 conv) as one folded conv
         # (models/upsample.py): the same function in 16/36 of their multiply-adds; only the fp16
-        # rounding differs (faces within 2 levels, as compiled against eager). Runs 71-73: UNet +
+        # rounding differs (faces within 2 levels, as compiled against eager). Runs 71-74: UNet +
         # decode 3.89 → 3.23 ms/frame eager, 2.08 → 1.90 compiled. None: diffusers' own (CPU, as the reference).
         if self.device.type == "cuda":
             self.fold_upsampling = "auto"
