@@ -41,12 +41,8 @@ def timed(fn: Callable[[], Any], iters: int, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--media", type=Path, default=ROOT / ".bench" / "media")
-    p.add_argument("--models", type=Path, default=Path("/tmp/musetalk-bench-models"))
-    p.add_argument("--compile", default="regional", help="compile mode measured after eager ('' for none)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    b.probe_arguments(p)  # --out, --media, --models, --compile, --device, --size (--audio-seconds: unused)
+    p.set_defaults(compile="regional")  # the compile mode measured after eager ('' for none)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
