@@ -657,20 +657,21 @@ def floors(run: dict[str, Any], ceil: dict[str, Any], mic: dict[str, Any], ops: 
     peak = ceil.get("matmul_fp16_8192_tflops") or ceil.get("matmul_bf16_8192_tflops")
     frames, faces = run["frames"], run["frames_with_face"]
     st = dict(run["stage_seconds"])
-    if run.get("detail", {}).get("latents_in_loop"):
-        # The VAE encode ran inside the generate loop (Pipeline.latents_in_loop): its device time is
-        # in "generate" there. Its own figures come from the micro-benchmarks; the loop is compared
-        # with the UNet + decode floor plus the encode's floor.
+    # The VAE encode ran inside the generate loop (Pipeline.latents_in_loop): its device time is in
+    # "generate" there. Its own figures come from the micro-benchmarks; the loop is compared with
+    # the UNet + decode floor plus the encode's floor. (A cache hit encodes nothing: flag off.)
+    in_loop = bool(run.get("detail", {}).get("latents_in_loop"))
+    if in_loop:
         st["generate"], st["latents"] = st["generate"] + st["latents"], 0.0
     gen_floor = (GFLOP_UNET + GFLOP_VAE_DECODE) * frames / peak / 1e3
     enc_floor = GFLOP_VAE_ENCODE * faces / peak / 1e3
-    if not st["latents"] and st["generate"]:
+    if in_loop:
         gen_floor += enc_floor
     by_op: dict[str, Any] = {}
     if ops:
         gen_op = (ops["unet"]["op_floor_ms_per_frame"] + ops["vae_decode"]["op_floor_ms_per_frame"]) * frames / 1e3
         lat_op = ops["vae_encode"]["op_floor_ms_per_frame"] * 2 * faces / 1e3  # masked + full crop
-        if not st["latents"]:
+        if in_loop:
             gen_op += lat_op
         by_op = {
             "generate_op_floor_s": round(gen_op, 3),

@@ -260,3 +260,26 @@ def test_kernel_probe_times_the_gpu_steps_per_chunk(bench_dirs: dict[str, Path],
                           str(tmp_path / "faces" / "faces-2.npy"), str(tmp_path / "faces" / "faces-4.npy")],
                          cwd=ROOT, env=_env(), capture_output=True, text=True, check=True)
     assert json.loads(cmp.stdout) == {"max_diff": 0, "share_differing": 0.0, "pixels": 4 * 256 * 256 * 3}
+
+
+def test_floors_count_the_encode_in_generate_only_when_it_ran_in_the_loop() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench as bench_mod
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    ceil = {"matmul_fp16_8192_tflops": 500.0}
+    mic = {"unet_tflops": 300.0, "vae_decode_tflops": 300.0, "vae_encode_tflops": 300.0}
+
+    def run(latents_s: float, in_loop: bool) -> dict:
+        return {"frames": 750, "frames_with_face": 250, "detail": {"latents_in_loop": in_loop},
+                "stage_seconds": {"generate": 1.5, "latents": latents_s}}
+
+    up_front = bench_mod.floors(run(0.4, False), ceil, mic)
+    in_loop = bench_mod.floors(run(0.001, True), ceil, mic)
+    cache_hit = bench_mod.floors(run(0.0, False), ceil, mic)  # nothing encoded at all
+    enc = up_front["latents_floor_s"]
+    assert enc > 0 and up_front["latents_s"] == 0.4
+    assert in_loop["generate_s"] == 1.501 and in_loop["latents_s"] == 0.0
+    assert in_loop["generate_floor_s"] == pytest.approx(up_front["generate_floor_s"] + enc, abs=2e-3)
+    assert cache_hit["generate_floor_s"] == up_front["generate_floor_s"]

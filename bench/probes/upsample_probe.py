@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         lat = torch.randn(n, 8, 32, 32, generator=gen).to(dev, dtype)
         cond = torch.randn(n, 50, 384, generator=gen).to(dev, dtype)
         pred = torch.randn(n, 4, 32, 32, generator=gen).to(dev, dtype)
-    shapes = sorted({(u.channels, u.out_channels) for mod in (m.unet, m.vae) for u in mod.modules() if upsample.foldable(u)})
     out["foldable"] = {"unet": sum(map(upsample.foldable, m.unet.modules())), "vae": sum(map(upsample.foldable, m.vae.modules()))}
 
     def measure(label: str) -> dict[str, Any]:
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for cmode in ["eager"] + ([args.compile] if args.compile else []):
         ref: dict[str, torch.Tensor] = {}
         for i, mode in enumerate(modes):
-            upsample.unfold(m.unet), upsample.unfold(m.vae)
-            if mode != "off":
-                upsample.fold(m.unet, mode), upsample.fold(m.vae, mode)
+            pipe.fold_upsampling = mode  # "off": diffusers' own
             if cmode != "eager":
                 pipe.compiled = compiled.enable(m, mode=cmode)
             r = measure(f"{cmode} {mode}")
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             out["results"][key if key not in out["results"] else f"{key}#{i}"] = r
         if cmode != "eager":
             compiled.disable(m)
-    upsample.unfold(m.unet), upsample.unfold(m.vae)
+    pipe.fold_upsampling = None
 
     # Each upsampler shape alone, eager, at the batch its model runs it (UNet: batch; decoder: chunk).
     ops: dict[str, Any] = {}
@@ -142,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                 ops[key] = row
                 _log(f"{key}: {row}")
     out["ops"] = ops
-    out["upsampler_shapes"] = [list(s) for s in shapes]
     report.write(out, str(args.out))
     for k, r in out["results"].items():
         print(f"{k:>22}: unet {r['unet_ms_per_frame']} decode {r['decode_ms_per_frame']} face step {r['face_step_ms_per_frame']} ms/frame; "

@@ -45,7 +45,7 @@ def foldable(module: nn.Module) -> bool:
     padding 1, one group, no norm): the case the fold computes."""
     if type(module).__name__ != "Upsample2D":
         return False
-    conv = getattr(module, "conv", None) if getattr(module, "name", "conv") == "conv" else getattr(module, "Conv2d_0", None)
+    conv = _conv(module)
     return (
         bool(getattr(module, "use_conv", False))
         and not getattr(module, "use_conv_transpose", False)
@@ -61,8 +61,9 @@ def foldable(module: nn.Module) -> bool:
     )
 
 
-def _conv(module: nn.Module) -> nn.Conv2d:
-    return module.conv if module.name == "conv" else module.Conv2d_0
+def _conv(module: nn.Module) -> Any:
+    """The ``Upsample2D``'s convolution (diffusers names it ``conv`` or, legacy, ``Conv2d_0``; None without one)."""
+    return getattr(module, "conv" if getattr(module, "name", "conv") == "conv" else "Conv2d_0", None)
 
 
 def folded_weight(weight: torch.Tensor, mode: str) -> torch.Tensor:
